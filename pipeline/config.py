@@ -1,0 +1,134 @@
+"""The config schema: every key the pipeline reads, its default and why it exists.
+
+Experiment configs in `configs/` start from `base_config()` and override what
+they need. The returned ConfigDict is locked, so a typo such as
+`--config.model.hiden_size=512` fails loudly instead of being ignored.
+"""
+
+import ml_collections
+
+from pipeline import errors
+
+STRATEGIES = ('auto', 'cpu', 'mirrored')
+PRECISIONS = ('float32', 'bfloat16')
+MODES = ('shuffle', 'stream')
+SCHEDULES = ('constant', 'cosine')
+
+
+class ConfigError(errors.Error):
+  """A config value is invalid; the message names the key and the fix."""
+
+
+def base_config():
+  """Returns the default config with every key the pipeline understands."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds weights, window order, state resets and samples.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = 'data/tinyshakespeare.txt.gz'  # File, directory or glob; local or gs://.
+  c.data.val_fraction = 0.05  # Contiguous tail of the text held out for validation.
+  c.data.seq_length = 100  # T: characters per window (truncated-BPTT length).
+  c.data.batch_size = 64  # Global batch B, split evenly across replicas.
+  c.data.eval_batch_size = 64  # Global batch for validation (streams in stream mode).
+  c.data.mode = 'shuffle'  # 'shuffle': random windows from zero state; 'stream': carried state.
+  c.data.state_reset_prob = 0.03  # Stream mode: chance per row and window of zeroing (h, c).
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hidden_size = 256  # Units per LSTM layer.
+  c.model.num_layers = 2  # Stacked LSTM layers.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 2000  # Optimizer steps in the whole run (resume continues to this).
+  c.train.steps_per_loop = 50  # Steps per tf.function call (fewer host round-trips).
+  c.train.learning_rate = 2e-3  # Adam peak learning rate.
+  c.train.lr_schedule = 'cosine'  # 'constant' or 'cosine' decay to 10% over num_steps.
+  c.train.warmup_steps = 100  # Linear warm-up steps before the schedule.
+  c.train.grad_clip_norm = 5.0  # Global-norm gradient clipping; 0 disables it.
+  c.train.log_every = 50  # Steps between progress lines and train summaries.
+  c.train.eval_every = 500  # Steps between validation passes and printed samples.
+  c.train.checkpoint_every = 500  # Steps between checkpoints.
+  c.train.keep_checkpoints = 3  # Periodic checkpoints kept (the best one is kept apart).
+  c.train.sample_length = 200  # Characters printed per sample during training.
+  c.train.sample_temperature = 0.8  # Temperature of those samples.
+  c.train.sample_prompt = ''  # Prompt of those samples ('' starts from zero state).
+  c.train.jit_compile = False  # XLA-compile the forward/backward step (TPU proxy on CPU).
+  c.train.export = True  # Export a SavedModel to <workdir>/export when training ends.
+
+  c.runtime = ml_collections.ConfigDict()
+  c.runtime.strategy = 'auto'  # One of: auto, cpu, mirrored.
+  c.runtime.cpu_devices = 1  # Split the CPU into N logical devices (tests Mirrored on CPU).
+  c.runtime.precision = 'float32'  # 'float32' or 'bfloat16' (mixed; output layer stays float32).
+  c.runtime.deterministic = True  # tf op determinism: bit-exact resume; costs little on CPU.
+  return c
+
+
+def finalize(config):
+  """Locks a config and checks the values; returns it."""
+  config.lock()
+  validate(config)
+  return config
+
+
+def _check(ok, msg):
+  if not ok:
+    raise ConfigError(msg)
+
+
+def validate(c):
+  """Raises ConfigError for values the pipeline cannot run with."""
+  d, m, t, r = c.data, c.model, c.train, c.runtime
+  _check(d.mode in MODES, f'data.mode must be one of {MODES}, got {d.mode!r}.')
+  _check(d.seq_length >= 1, f'data.seq_length must be >= 1, got {d.seq_length}.')
+  _check(d.batch_size >= 1, f'data.batch_size must be >= 1, got {d.batch_size}.')
+  _check(d.eval_batch_size >= 1, 'data.eval_batch_size must be >= 1.')
+  _check(0.0 <= d.state_reset_prob <= 1.0, 'data.state_reset_prob must be in [0, 1].')
+  _check(0.0 < d.val_fraction < 1.0,
+         f'data.val_fraction must be in (0, 1), got {d.val_fraction}.')
+  _check(m.hidden_size >= 1 and m.num_layers >= 1,
+         'model.hidden_size and model.num_layers must be >= 1.')
+  _check(t.num_steps >= 1, f'train.num_steps must be >= 1, got {t.num_steps}.')
+  for key in ('steps_per_loop', 'log_every', 'eval_every', 'checkpoint_every',
+              'keep_checkpoints'):
+    _check(t[key] >= 1, f'train.{key} must be >= 1, got {t[key]}.')
+  _check(t.lr_schedule in SCHEDULES,
+         f'train.lr_schedule must be one of {SCHEDULES}, got {t.lr_schedule!r}.')
+  _check(t.grad_clip_norm >= 0, 'train.grad_clip_norm must be >= 0 (0 disables).')
+  _check(r.strategy in STRATEGIES,
+         f'runtime.strategy must be one of {STRATEGIES}, got {r.strategy!r}.')
+  _check(r.precision in PRECISIONS,
+         f'runtime.precision must be one of {PRECISIONS}, got {r.precision!r}.')
+  _check(r.cpu_devices >= 1, 'runtime.cpu_devices must be >= 1.')
+
+
+def to_json(config):
+  return config.to_dict()
+
+
+def from_dict(d):
+  """Rebuilds a locked config from a saved dict, filling keys added since with defaults."""
+  c = base_config()
+  _update(c, d, '')
+  return finalize(c)
+
+
+def _update(c, d, prefix):
+  for k, v in d.items():
+    if k not in c:
+      raise ConfigError(f'Unknown config key {prefix}{k!r}.')
+    if isinstance(v, dict):
+      _update(c[k], v, f'{prefix}{k}.')
+    else:
+      c[k] = v
+
+
+def override(config, **flat):
+  """Sets dotted keys, e.g. override(c, **{'model.hidden_size': 8}); for tests and tools."""
+  for key, value in flat.items():
+    node = config
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    if leaf not in node:
+      raise ConfigError(f'Unknown config key {key!r}.')
+    node[leaf] = value
+  return config

@@ -1,0 +1,158 @@
+"""tf.data pipelines: one-hot windows for training and validation.
+
+Every batch is a pure function of (step, global row), so the input position
+never needs checkpointing: a resumed run rebuilds the pipeline at the restored
+step and sees exactly the batches an uninterrupted run would have seen. This
+also makes sharding exact: each input pipeline computes only the rows of the
+replicas it feeds, and every row of the global batch is fed once.
+
+Two modes:
+  shuffle: window w covers ids[w*T : w*T+T+1]; each epoch visits all windows
+    in an order drawn statelessly with index_shuffle(seed, epoch).
+  stream: the text is cut into B contiguous streams (char-rnn); row b of step
+    k+1 continues row b of step k, so the train loop carries (h, c).
+
+Each element is a dict:
+  inputs  float32 (b, T, V) one-hot characters,
+  targets int32   (b, T) next-character ids,
+  rows    int32   (b,) global row ids (which slice of carried state to use),
+  reset   float32 (b,) 1 where the row starts from zero state.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import errors
+
+
+class DataError(errors.Error):
+  """The data cannot be batched as configured; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where each (step, row) window starts, for one split and mode."""
+  mode: str  # 'shuffle' or 'stream'
+  length: int  # ids in the split
+  seq_length: int
+  global_batch: int
+  steps_per_epoch: int
+  num_windows: int = 0  # shuffle mode
+  stream_length: int = 0  # stream mode
+
+
+def make_layout(num_ids, seq_length, global_batch, mode, split_name='train'):
+  """Computes the window layout and checks the split is long enough."""
+  t = seq_length
+  if mode == 'shuffle':
+    windows = (num_ids - 1) // t
+    steps = windows // global_batch
+    if steps < 1:
+      raise DataError(
+          f'The {split_name} split ({num_ids} chars) holds {windows} windows of '
+          f'{t} + 1 chars, fewer than one batch of {global_batch}. Lower the '
+          'batch size or seq_length, or use a longer corpus.')
+    return Layout(mode, num_ids, t, global_batch, steps, num_windows=windows)
+  stream = num_ids // global_batch
+  steps = (stream - 1) // t
+  if steps < 1:
+    raise DataError(
+        f'The {split_name} split ({num_ids} chars) cut into {global_batch} '
+        f'streams gives {stream} chars per stream, fewer than seq_length + 1 = '
+        f'{t + 1}. Lower the batch size or seq_length, or use a longer corpus.')
+  return Layout(mode, num_ids, t, global_batch, steps, stream_length=stream)
+
+
+def _starts_and_reset(layout, step, rows, seed, reset_prob, shuffle):
+  """Window starts (int64) and reset flags for global `rows` at `step`."""
+  step = tf.cast(step, tf.int64)
+  rows = tf.cast(rows, tf.int64)
+  t = layout.seq_length
+  if layout.mode == 'shuffle':
+    k = step * layout.global_batch + rows
+    epoch = k // layout.num_windows
+    pos = k % layout.num_windows
+    if shuffle:
+      # The public index_shuffle wrapper mis-pads batched [n, 2] seeds in TF
+      # 2.21; the raw op takes one [3] seed per element.
+      seeds = tf.stack([tf.fill(tf.shape(k), tf.cast(seed, tf.int64)), epoch,
+                        tf.zeros_like(k)], 1)
+      pos = tf.raw_ops.RandomIndexShuffle(
+          index=pos, seed=seeds,
+          max_index=tf.fill(tf.shape(k), tf.cast(layout.num_windows - 1, tf.int64)))
+    return pos * t, tf.ones(tf.shape(rows), tf.float32)
+  b = step % layout.steps_per_epoch
+  starts = rows * layout.stream_length + b * t
+  epoch_start = tf.cast(tf.equal(b, 0), tf.float32)
+  if reset_prob > 0:
+    # Drawn for the whole global batch and then gathered, so a row's reset does
+    # not depend on how rows are sharded across replicas and workers.
+    u = tf.random.stateless_uniform([layout.global_batch],
+                                    seed=tf.stack([tf.cast(seed, tf.int64) + 1, step]))
+    random_reset = tf.cast(tf.gather(u, rows) < reset_prob, tf.float32)
+  else:
+    random_reset = tf.zeros(tf.shape(rows), tf.float32)
+  return starts, tf.maximum(random_reset, epoch_start)
+
+
+def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
+                 start_step=0, num_steps=None, reset_prob=0.0, shuffle=True):
+  """Builds the dataset for one input pipeline.
+
+  Args:
+    ids: 1-D uint8/uint16 numpy ids of the split.
+    vocab_size: V, the one-hot depth.
+    layout: from make_layout for this split.
+    input_context: tf.distribute.InputContext, or None for a single pipeline
+      feeding a single replica.
+    seed: data seed.
+    start_step: first global step to produce (resume).
+    num_steps: last step (exclusive); None repeats forever.
+    reset_prob: stream mode, chance of zeroing a row's state per window.
+    shuffle: shuffle mode only; False visits windows in text order (eval).
+
+  Returns:
+    A tf.data.Dataset of per-replica batches (see module docstring).
+  """
+  if input_context is None:
+    input_context = tf.distribute.InputContext()
+  replicas = input_context.num_replicas_in_sync
+  pipelines = input_context.num_input_pipelines
+  if layout.global_batch % replicas:
+    raise DataError(
+        f'Global batch {layout.global_batch} does not divide across '
+        f'{replicas} replicas. Use a multiple of {replicas}, e.g. '
+        f'--config.data.batch_size={max(replicas, layout.global_batch // replicas * replicas)}.')
+  per_replica = layout.global_batch // replicas
+  local = replicas // pipelines
+  first_replica = input_context.input_pipeline_id * local
+
+  t = layout.seq_length
+  ids_t = tf.constant(ids)
+
+  def to_batch(flat):
+    # flat = element * per_replica + i; element e feeds local replica e % local.
+    element = flat // per_replica
+    step = start_step + element[0] // local
+    replica = first_replica + element[0] % local
+    rows = replica * per_replica + tf.range(per_replica, dtype=tf.int64)
+    starts, reset = _starts_and_reset(layout, step, rows, seed, reset_prob, shuffle)
+    window = tf.gather(ids_t, starts[:, None] + tf.range(t + 1, dtype=tf.int64))
+    window = tf.cast(window, tf.int32)
+    return {
+        'inputs': tf.one_hot(window[:, :-1], vocab_size, dtype=tf.float32),
+        'targets': window[:, 1:],
+        'rows': tf.cast(rows, tf.int32),
+        'reset': reset,
+    }
+
+  if num_steps is None:
+    flat = tf.data.Dataset.range(start_step * local * per_replica, np.iinfo(np.int64).max)
+  else:
+    flat = tf.data.Dataset.range(start_step * local * per_replica,
+                                 num_steps * local * per_replica)
+  ds = flat.batch(per_replica, drop_remainder=True)
+  ds = ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.prefetch(tf.data.AUTOTUNE)

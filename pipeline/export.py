@@ -1,0 +1,154 @@
+"""Export: a self-contained SavedModel that carries its vocabulary.
+
+Signatures (all with explicit input signatures, so `saved_model_cli` and TF
+Serving can call them):
+  step(ids int32[B], h float32[B,L,H], c float32[B,L,H]) -> logits, probs, h, c
+  generate(prompts string[B], num_chars int32, temperature float32,
+           top_k int32, seed int64) -> text string[B]
+  serving_default(prompts string[B]) -> text string[B]
+  vocab() -> chars string[V]
+The vocabulary is embedded as constants (no lookup-table resource) and also
+shipped as `assets/vocab.json`.
+"""
+
+import os
+import tempfile
+import uuid
+
+import tensorflow as tf
+from absl import logging
+
+from pipeline import errors
+from pipeline import corpus
+from pipeline import generate as generate_lib
+from pipeline import model as model_lib
+from pipeline import storage
+
+SERVING_NUM_CHARS = 200  # serving_default continuation length
+SERVING_TEMPERATURE = 0.8
+
+
+class ExportError(errors.Error):
+  """An export cannot be made; the message says which input is missing."""
+
+
+class CharLSTMModule(tf.Module):
+  """The exported module; holds the step model, its variables and the vocabulary."""
+
+  def __init__(self, models, vocab, vocab_asset_path):
+    super().__init__(name='charlstm')
+    self._step_model = models.step
+    # saved_model_cli / TF Serving restore variables by the objects tracked on
+    # the module; the Keras wrappers alone leave them "Could not find variable".
+    self.model_variables = models.variables
+    self._num_layers = len(models.lstms)
+    self._hidden = models.lstms[0].units
+    self._v = vocab.size
+    self._chars = tf.constant(list(vocab.chars), tf.string)
+    self._codepoints = tf.constant([ord(ch) for ch in vocab.chars], tf.int32)
+    self.vocab_asset = tf.saved_model.Asset(vocab_asset_path)
+    l, hd = self._num_layers, self._hidden
+    state = tf.TensorSpec([None, l, hd], tf.float32)
+    self.step = tf.function(self._step, input_signature=[
+        tf.TensorSpec([None], tf.int32, name='ids'), state, state])
+    self.generate = tf.function(self._generate, input_signature=[
+        tf.TensorSpec([None], tf.string, name='prompts'),
+        tf.TensorSpec([], tf.int32, name='num_chars'),
+        tf.TensorSpec([], tf.float32, name='temperature'),
+        tf.TensorSpec([], tf.int32, name='top_k'),
+        tf.TensorSpec([], tf.int64, name='seed')])
+    self.serve = tf.function(self._serve, input_signature=[
+        tf.TensorSpec([None], tf.string, name='prompts')])
+    self.vocab = tf.function(self._vocab, input_signature=[])
+
+  def _step_fn(self, one_hot, h, c):
+    logits, h, c = self._step_model([one_hot, h, c], training=False)
+    return tf.cast(logits, tf.float32), h, c
+
+  def _step(self, ids, h, c):
+    logits, h, c = self._step_fn(tf.one_hot(ids[:, None], self._v), h, c)
+    logits = logits[:, 0]
+    return {'logits': logits, 'probs': tf.nn.softmax(logits), 'h': h, 'c': c}
+
+  def _generate(self, prompts, num_chars, temperature, top_k, seed):
+    tf.debugging.assert_non_negative(num_chars, 'num_chars must be >= 0')
+    text = generate_lib.generate(
+        self._step_fn, self._chars, self._codepoints, self._num_layers,
+        self._hidden, prompts, num_chars, temperature, top_k, seed)
+    return {'text': text}
+
+  def _serve(self, prompts):
+    # A fresh seed per request; a stateful RNG traced under a global seed would
+    # replay the same text in every server process.
+    seed = tf.cast(tf.timestamp() * 1e6, tf.int64)
+    return self._generate(prompts, tf.constant(SERVING_NUM_CHARS),
+                          tf.constant(SERVING_TEMPERATURE), tf.constant(0), seed)
+
+  def _vocab(self):
+    return {'chars': self._chars}
+
+
+def export_models(models, vocab, export_dir, extra_assets=None):
+  """Writes a SavedModel for `models` to `export_dir`, replacing any old one atomically.
+
+  The model is written to a sibling temporary directory first, so a failure
+  midway leaves the previous export untouched.
+  """
+  tmp_local = tempfile.mkdtemp(prefix='charlstm-vocab-')
+  vocab_path = os.path.join(tmp_local, corpus.VOCAB_FILE)
+  vocab.save(vocab_path)
+  module = CharLSTMModule(models, vocab, vocab_path)
+  tmp_dir = f'{export_dir.rstrip("/")}.tmp-{uuid.uuid4().hex}'
+  try:
+    tf.saved_model.save(
+        module, tmp_dir,
+        signatures={'serving_default': module.serve, 'step': module.step,
+                    'generate': module.generate, 'vocab': module.vocab})
+    for name, path in (extra_assets or {}).items():
+      storage.copy(path, storage.join(tmp_dir, 'assets', name))
+    storage.replace_dir(tmp_dir, export_dir)
+  except BaseException:
+    storage.rmtree(tmp_dir)
+    raise
+  finally:
+    storage.rmtree(tmp_local)
+  logging.info('Exported SavedModel to %s', export_dir)
+  return export_dir
+
+
+def export_checkpoint(workdir, checkpoint='latest', export_dir=None):
+  """Rebuilds the model from a workdir's config and a checkpoint, and exports it.
+
+  Args:
+    workdir: a training workdir (holds config.json and vocab.json).
+    checkpoint: 'latest', 'best', or a checkpoint path prefix.
+    export_dir: defaults to <workdir>/export.
+
+  Returns:
+    (export_dir, checkpoint path used).
+  """
+  from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pipeline import train as train_lib  # pylint: disable=g-import-not-at-top
+  cfg_path = storage.join(workdir, train_lib.CONFIG_FILE)
+  if not storage.exists(cfg_path):
+    raise ExportError(f'{workdir} has no {train_lib.CONFIG_FILE}; is it a '
+                      'charlstm training workdir?')
+  cfg = config_lib.from_dict(storage.read_json(cfg_path))
+  vocab = corpus.Vocab.load(storage.join(workdir, corpus.VOCAB_FILE))
+  if checkpoint in ('latest', 'best'):
+    sub = train_lib.CKPT_DIR if checkpoint == 'latest' else train_lib.BEST_DIR
+    path = tf.train.latest_checkpoint(storage.join(workdir, sub))
+    if path is None:
+      raise ExportError(f'No {checkpoint} checkpoint in {storage.join(workdir, sub)}. '
+                        'Train first, or pass --checkpoint=PATH.')
+  else:
+    path = checkpoint
+    if not storage.exists(path + '.index'):
+      raise ExportError(f'Checkpoint {path!r} not found (no {path}.index).')
+  models = model_lib.build(vocab.size, cfg.model.hidden_size, cfg.model.num_layers,
+                           cfg.data.seq_length, cfg.runtime.precision)
+  tf.train.Checkpoint(model=models.train).read(path).expect_partial()
+  export_dir = export_dir or storage.join(workdir, train_lib.EXPORT_DIR)
+  export_models(models, vocab, export_dir,
+                extra_assets={'config.json': cfg_path})
+  return export_dir, path
