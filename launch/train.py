@@ -22,8 +22,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
   from pipeline import train  # pylint: disable=g-import-not-at-top
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  result = train.train_and_evaluate(config_lib.from_flag(_CONFIG), _WORKDIR.value)
   print(f'Done at step {result["step"]}: val loss {result["val_loss"]:.4f} nats/char; '
         f'export: {result["export"]}')
 

@@ -62,9 +62,22 @@ def base_config():
   return c
 
 
+def from_flag(holder):
+  """Returns the config behind a config_flags holder, as a one-line error if it failed to load."""
+  try:
+    config = holder.value
+    config.is_locked  # pylint: disable=pointless-statement  # a failed load surfaces here
+  except OSError as e:
+    first = str(e).split('\n')[0]
+    detail = [line.strip() for line in str(e).split('\n') if line.strip()][-1]
+    raise ConfigError(f'{first}: {detail}. Pass --config=configs/<name>.py[:preset].') from None
+  return finalize(config)
+
+
 def finalize(config):
   """Locks a config and checks the values; returns it."""
-  config.lock()
+  if not config.is_locked:
+    config.lock()
   validate(config)
   return config
 

@@ -18,14 +18,32 @@ class Error(ValueError):
 EXIT_USAGE = 2
 
 
+def fail(message, exit_code=EXIT_USAGE):
+  """Prints a one-line error and exits."""
+  message = ' '.join(str(message).split())
+  print(f'charlstm: error: {message}', file=sys.stderr, flush=True)
+  sys.exit(exit_code)
+
+
 def run(main):
-  """absl app.run(main), with pipeline errors printed as one line (exit 2)."""
+  """absl app.run(main), with pipeline and config-flag errors printed as one line (exit 2)."""
+  started = False
 
   def wrapped(argv):
+    nonlocal started
+    started = True
     try:
       return main(argv)
     except Error as e:
-      print(f'charlstm: error: {e}', file=sys.stderr, flush=True)
-      sys.exit(getattr(e, 'exit_code', EXIT_USAGE))
+      fail(e, getattr(e, 'exit_code', EXIT_USAGE))
 
-  app.run(wrapped)
+  try:
+    app.run(wrapped)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    if started:
+      raise
+    # ml_collections' config flag raises these while parsing flags, e.g. for
+    # --config.model.hiden_size=3 ("Did you mean ..."); they are usage errors.
+    text = str(e.args[0] if e.args else e)
+    text = text.replace('\\n', ' ').replace('\\', '').replace("'", '').strip('"')
+    fail(f'invalid --config flag: {text}')

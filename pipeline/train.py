@@ -145,8 +145,7 @@ def train_and_evaluate(config, workdir):
     dict with 'step', 'train_loss' and 'val_loss' (nats/char) of the last
     step, and 'export' (path or None).
   """
-  config = config if config.is_locked else config_lib.finalize(config)
-  config_lib.validate(config)
+  config = config_lib.finalize(config)
   cfg_d, cfg_t = config.data, config.train
   if config.runtime.deterministic:
     tf.config.experimental.enable_op_determinism()
