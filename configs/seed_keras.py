@@ -13,7 +13,7 @@ from pipeline import config as config_lib
 
 def get_config():
   c = config_lib.base_config()
-  c.data.corpus = 'data/tinyshakespeare.txt.gz'  # The post trained on Shakespeare.
+  c.data.corpus = config_lib.bundled('tinyshakespeare.txt.gz')  # The post trained on Shakespeare.
   c.data.seq_length = 100  # The post's seq_length.
   c.data.batch_size = 1  # The post's batch size (fit_generator, one window per step).
   c.data.eval_batch_size = 1  # Same as training.

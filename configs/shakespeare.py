@@ -12,7 +12,7 @@ from pipeline import config as config_lib
 
 def get_config(preset=''):
   c = config_lib.base_config()
-  c.data.corpus = 'data/tinyshakespeare.txt.gz'  # Bundled, 1.1M chars, 65 symbols.
+  c.data.corpus = config_lib.bundled('tinyshakespeare.txt.gz')  # Bundled, 1.1M chars, 65 symbols.
   if preset == 'smoke':
     c.data.seq_length = 32  # Short windows keep the test fast.
     c.data.batch_size = 16  # Still > 1 and divisible by 2 replicas.

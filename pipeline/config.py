@@ -5,6 +5,8 @@ they need. The returned ConfigDict is locked, so a typo such as
 `--config.model.hiden_size=512` fails loudly instead of being ignored.
 """
 
+import os
+
 import ml_collections
 
 from pipeline import errors
@@ -19,13 +21,21 @@ class ConfigError(errors.Error):
   """A config value is invalid; the message names the key and the fix."""
 
 
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')
+
+
+def bundled(name):
+  """Absolute path of a corpus bundled in data/, so configs work from any cwd."""
+  return os.path.join(DATA_DIR, name)
+
+
 def base_config():
   """Returns the default config with every key the pipeline understands."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds weights, window order, state resets and samples.
 
   c.data = ml_collections.ConfigDict()
-  c.data.corpus = 'data/tinyshakespeare.txt.gz'  # File, directory or glob; local or gs://.
+  c.data.corpus = bundled('tinyshakespeare.txt.gz')  # File, directory or glob; local or gs://.
   c.data.val_fraction = 0.05  # Contiguous tail of the text held out for validation.
   c.data.seq_length = 100  # T: characters per window (truncated-BPTT length).
   c.data.batch_size = 64  # Global batch B, split evenly across replicas.

@@ -133,9 +133,10 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
   ids_t = tf.constant(ids)
 
   def to_batch(flat):
-    # flat = element * per_replica + i; element e feeds local replica e % local.
+    # flat = element * per_replica + i, counted from step 0 (the range starts
+    # at start_step); element e is step e // local for local replica e % local.
     element = flat // per_replica
-    step = start_step + element[0] // local
+    step = element[0] // local
     replica = first_replica + element[0] % local
     rows = replica * per_replica + tf.range(per_replica, dtype=tf.int64)
     starts, reset = _starts_and_reset(layout, step, rows, seed, reset_prob, shuffle)

@@ -147,7 +147,8 @@ def export_checkpoint(workdir, checkpoint='latest', export_dir=None):
       raise ExportError(f'Checkpoint {path!r} not found (no {path}.index).')
   models = model_lib.build(vocab.size, cfg.model.hidden_size, cfg.model.num_layers,
                            cfg.data.seq_length, cfg.runtime.precision)
-  tf.train.Checkpoint(model=models.train).read(path).expect_partial()
+  status = tf.train.Checkpoint(model=models.checkpoint_weights()).read(path)
+  status.assert_existing_objects_matched().expect_partial()
   export_dir = export_dir or storage.join(workdir, train_lib.EXPORT_DIR)
   export_models(models, vocab, export_dir,
                 extra_assets={'config.json': cfg_path})

@@ -28,8 +28,17 @@ class Models:
 
   @property
   def variables(self):
-    """The underlying tf.Variables, in a fixed order (for checkpoints and export)."""
+    """The underlying tf.Variables, in a fixed order (for export)."""
     return [v.value for v in self.train.weights]
+
+  def checkpoint_weights(self):
+    """The weights as a dict a tf.train.Checkpoint can track, keyed by layer path.
+
+    A Keras 3 model handed to tf.train.Checkpoint contributes no weights of its
+    own (they were only saved through the optimizer's references), so a
+    weights-only restore, as export does, would silently restore nothing.
+    """
+    return {v.path.replace('/', '.'): v.value for v in self.train.weights}
 
 
 def _apply(lstms, dense, x, h, c):

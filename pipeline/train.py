@@ -138,8 +138,15 @@ class _StopFlag:
       signal.signal(s, h)
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, stop_at=None):
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Args:
+    config: a ConfigDict from `configs/` (see pipeline.config).
+    workdir: run directory, local or gs://.
+    stop_at: optional step at which to checkpoint and return early, as an
+      interruption would; running again resumes from there. The schedule and
+      data order still follow train.num_steps.
 
   Returns:
     dict with 'step', 'train_loss' and 'val_loss' (nats/char) of the last
@@ -176,7 +183,7 @@ def train_and_evaluate(config, workdir):
     train_state = (_state_variable(gb, config, 'h'), _state_variable(gb, config, 'c'))
     eval_state = (_state_variable(eb, config, 'eval_h'), _state_variable(eb, config, 'eval_c'))
 
-  ckpt = tf.train.Checkpoint(model=models.train, optimizer=optimizer, step=step_var,
+  ckpt = tf.train.Checkpoint(model=models.checkpoint_weights(), optimizer=optimizer, step=step_var,
                              best_val=best_val, h=train_state[0], c=train_state[1])
   manager = tf.train.CheckpointManager(ckpt, storage.join(workdir, CKPT_DIR),
                                        max_to_keep=cfg_t.keep_checkpoints,
@@ -289,6 +296,8 @@ def train_and_evaluate(config, workdir):
   with _StopFlag() as stop:
     while step < cfg_t.num_steps:
       n = _next_boundary(step, config) - step
+      if stop_at is not None:
+        n = min(n, max(stop_at - step, 1))
       t0 = time.perf_counter()
       train_loss = float(train_loop(iterator, tf.constant(n)))
       seconds = time.perf_counter() - t0
@@ -311,8 +320,13 @@ def train_and_evaluate(config, workdir):
         if val_loss < float(best_val.numpy()):
           best_val.assign(val_loss)
           best_manager.save(checkpoint_number=step)
-      if step % cfg_t.checkpoint_every == 0 or last or stop.signum:
+      halt = stop.signum or (stop_at is not None and step >= stop_at and not last)
+      if step % cfg_t.checkpoint_every == 0 or last or halt:
         manager.save(checkpoint_number=step)
+      if halt and not stop.signum:
+        reporter.flush()
+        return {'step': step, 'train_loss': train_loss, 'val_loss': val_loss,
+                'export': None}
       if stop.signum:
         reporter.flush()
         raise TrainingError(f'Interrupted by signal {stop.signum} at step {step}; '
