@@ -59,7 +59,7 @@ def main(argv=None):
   bootstrap.ensure()
   if not args.resume:
     wipe(workdir)
-  # Hide TensorFlow's C++ INFO chatter; the pipeline's own progress lines stay.
+  # Hides some of TensorFlow's C++ INFO chatter; the pipeline's progress lines stay.
   env = dict(os.environ)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
