@@ -83,7 +83,8 @@ class Reporter:
     ax.set_xlabel('step')
     ax.set_ylabel('loss (nats per char)')
     ax.grid(alpha=0.3)
-    ax.legend()
+    if self.history['train'] or self.history['val']:
+      ax.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format='png', bbox_inches='tight')
     plt.close(fig)

@@ -150,7 +150,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
 
   Returns:
     dict with 'step', 'train_loss' and 'val_loss' (nats/char) of the last
-    step, and 'export' (path or None).
+    step, 'export' (path or None) and 'replicas'.
   """
   config = config_lib.finalize(config)
   cfg_d, cfg_t = config.data, config.train
@@ -326,7 +326,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
       if halt and not stop.signum:
         reporter.flush()
         return {'step': step, 'train_loss': train_loss, 'val_loss': val_loss,
-                'export': None}
+                'export': None, 'replicas': strategy.num_replicas_in_sync}
       if stop.signum:
         reporter.flush()
         raise TrainingError(f'Interrupted by signal {stop.signum} at step {step}; '
@@ -338,4 +338,4 @@ def train_and_evaluate(config, workdir, stop_at=None):
         models, vocab, storage.join(workdir, EXPORT_DIR),
         extra_assets={'config.json': storage.join(workdir, CONFIG_FILE)})
   return {'step': step, 'train_loss': train_loss, 'val_loss': val_loss,
-          'export': export_dir}
+          'export': export_dir, 'replicas': strategy.num_replicas_in_sync}
