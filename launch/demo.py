@@ -56,9 +56,9 @@ def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
   workdir = os.path.abspath(os.path.expanduser(args.workdir))
   t0 = time.perf_counter()
-  bootstrap.ensure()
   if not args.resume:
     wipe(workdir)
+  bootstrap.ensure()
   # Hides some of TensorFlow's C++ INFO chatter; the pipeline's progress lines stay.
   env = dict(os.environ)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')

@@ -90,6 +90,15 @@ class _Lock:
       self.file.close()  # releases the lock
 
 
+def _check_not_foreign(venv):
+  """Refuses a non-empty directory that is not a venv, before touching anything in it."""
+  if not os.path.isdir(venv) or os.path.exists(os.path.join(venv, 'pyvenv.cfg')):
+    return
+  if set(os.listdir(venv)) - {LOCK_FILE}:
+    fail(f'{venv} exists and is not a venv. Set {VENV_ENV} to a new directory '
+         '(or an existing venv) and re-run.')
+
+
 def ensure_venv(venv):
   """Creates the venv with `python3 -m venv` unless it already has a python."""
   python = venv_python(venv)
@@ -101,11 +110,8 @@ def ensure_venv(venv):
   leftovers = sorted(set(os.listdir(venv)) - {LOCK_FILE})
   if leftovers:
     # A venv without a working python: interrupted creation, or its base
-    # interpreter was removed. Rebuild it, but never wipe a directory that is
-    # not a venv (CHARLSTM_VENV pointing at the wrong place).
-    if 'pyvenv.cfg' not in leftovers:
-      fail(f'{venv} exists and is not a venv. Set {VENV_ENV} to a new directory '
-           '(or an existing venv) and re-run.')
+    # interpreter was removed. Rebuild it (_check_not_foreign made sure it is one).
+    _check_not_foreign(venv)
     say(f'{venv} has no working python; recreating it ...')
     for name in leftovers:
       path = os.path.join(venv, name)
@@ -154,6 +160,7 @@ def ensure(extras=EXTRAS):
   started together on a fresh clone install once, not twice at the same time.
   """
   venv = venv_dir()
+  _check_not_foreign(venv)
   try:
     os.makedirs(venv, exist_ok=True)
   except OSError as e:
