@@ -135,9 +135,11 @@ def ensure_deps(venv, extras=EXTRAS):
   want = deps_hash(extras)
   if _read(stamp) == want:
     return python
-  say('installing dependencies (first run takes a few minutes) ...')
   if os.path.exists(stamp):
+    say('pyproject.toml changed; updating dependencies ...')
     os.remove(stamp)  # an interrupted reinstall must not look up to date
+  else:
+    say('installing dependencies (first run takes a few minutes) ...')
   code = subprocess.call(
       [python, '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check',
        '-e', f'{REPO_ROOT}[{extras}]'], cwd=REPO_ROOT, env=_env())
