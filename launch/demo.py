@@ -28,8 +28,8 @@ WORKDIR_MARKERS = ('config.json', 'vocab.json', 'checkpoints', 'export')
 def parse(argv):
   parser = argparse.ArgumentParser(
       prog='python3 -m launch.demo',
-      description='Train a small character-level LSTM on Tiny Shakespeare (a few '
-                  'minutes on 2 CPU cores), export it, and print a sample.')
+      description='Train a small character-level LSTM on Tiny Shakespeare (about a '
+                  'minute on 2 CPU cores once installed), export it, and print a sample.')
   parser.add_argument(
       '--workdir', default=os.path.join(tempfile.gettempdir(), 'charlstm-demo'),
       help='local run directory, wiped first unless --resume (default: %(default)s)')
