@@ -137,7 +137,7 @@ def from_dict(d):
 def _update(c, d, prefix):
   for k, v in d.items():
     if k not in c:
-      raise ConfigError(f'Unknown config key {prefix}{k!r}.')
+      raise ConfigError(f'Unknown config key {prefix + k!r}.')
     if isinstance(v, dict):
       _update(c[k], v, f'{prefix}{k}.')
     else:
@@ -150,6 +150,8 @@ def override(config, **flat):
     node = config
     *path, leaf = key.split('.')
     for p in path:
+      if not hasattr(node, 'keys') or p not in node:
+        raise ConfigError(f'Unknown config key {key!r}.')
       node = node[p]
     if leaf not in node:
       raise ConfigError(f'Unknown config key {key!r}.')

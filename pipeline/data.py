@@ -76,9 +76,10 @@ def _starts_and_reset(layout, step, rows, seed, reset_prob, shuffle):
     pos = k % layout.num_windows
     if shuffle:
       # The public index_shuffle wrapper mis-pads batched [n, 2] seeds in TF
-      # 2.21; the raw op takes one [3] seed per element.
+      # 2.21; the raw op takes one [3] seed per element. Its third word must
+      # not be 0: an all-zero key (seed 0, epoch 0) leaves most windows in place.
       seeds = tf.stack([tf.fill(tf.shape(k), tf.cast(seed, tf.int64)), epoch,
-                        tf.zeros_like(k)], 1)
+                        tf.fill(tf.shape(k), tf.constant(0x5EED, tf.int64))], 1)
       pos = tf.raw_ops.RandomIndexShuffle(
           index=pos, seed=seeds,
           max_index=tf.fill(tf.shape(k), tf.cast(layout.num_windows - 1, tf.int64)))

@@ -32,13 +32,18 @@ def prompt_ids(vocab_codepoints, prompts):
 
 
 def choose(logits, temperature, top_k, seed, i):
-  """Picks next ids from float32 logits (B, V): greedy, top-k or full sampling."""
-  greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
+  """Picks next ids from float32 logits (B, V): greedy, top-k or full sampling.
+
+  Ties are broken towards the lower id in both greedy and top-k, so top_k=1
+  is exactly greedy (it matters for an empty prompt, whose logits are flat).
+  """
   v = tf.shape(logits)[-1]
+  greedy = tf.math.top_k(logits, k=1).indices[:, 0]
   scaled = logits / tf.maximum(temperature, 1e-6)
   k = tf.minimum(tf.maximum(top_k, 1), v)
-  kth = tf.math.top_k(scaled, k=k).values[:, -1:]
-  keep = tf.logical_or(top_k <= 0, scaled >= kth)
+  top = tf.math.top_k(scaled, k=k).indices
+  in_top = tf.reduce_max(tf.one_hot(top, v, on_value=1, off_value=0, dtype=tf.int32), axis=1) > 0
+  keep = tf.logical_or(top_k <= 0, in_top)
   scaled = tf.where(keep, scaled, tf.constant(-float('inf'), scaled.dtype))
   sampled = tf.random.stateless_categorical(
       scaled, 1, seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(i, tf.int64)]),

@@ -37,11 +37,12 @@ def makedirs(path):
 def expand(pattern):
   """Returns the sorted files a path, directory or glob pattern names.
 
-  Hidden files (dot-files) inside a directory are skipped so that editor and
-  VCS droppings don't leak into a corpus.
+  Hidden files and directories (dot-names) are skipped, as a shell glob would,
+  so that editor and VCS droppings (.git/) don't leak into a corpus.
   """
   if any(ch in pattern for ch in '*?['):
-    files = sorted(f for f in gfile.glob(pattern) if not gfile.isdir(f))
+    files = sorted(f for f in gfile.glob(pattern)
+                   if not os.path.basename(f).startswith('.') and not gfile.isdir(f))
     if not files:
       raise StorageError(
           f'No files match {pattern!r}. Check the glob, or pass a file or '
@@ -53,7 +54,8 @@ def expand(pattern):
         'directory or glob (local or gs://) as --config.data.corpus.')
   if gfile.isdir(pattern):
     files = []
-    for root, _, names in gfile.walk(pattern):
+    for root, dirs, names in gfile.walk(pattern):
+      dirs[:] = [d for d in dirs if not d.startswith('.')]  # gfile.walk honours pruning
       files.extend(join(root, n) for n in names if not n.startswith('.'))
     if not files:
       raise StorageError(f'Directory {pattern!r} holds no files.')
