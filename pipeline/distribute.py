@@ -37,9 +37,10 @@ def make_strategy(runtime):
   name = runtime.strategy
   gpus = tf.config.list_logical_devices('GPU')
   if name == 'auto':
-    name = 'mirrored' if len(gpus) > 1 or runtime.cpu_devices > 1 else 'cpu'
-    if len(gpus) == 1:
-      name = 'gpu'
+    if gpus:
+      name = 'mirrored' if len(gpus) > 1 else 'gpu'
+    else:
+      name = 'mirrored' if runtime.cpu_devices > 1 else 'cpu'
   if name == 'cpu':
     strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   elif name == 'gpu':

@@ -37,6 +37,11 @@ class TrainingError(errors.Error):
   """Training cannot continue; the message says what was kept and what to change."""
 
 
+class Interrupted(TrainingError):
+  """SIGINT/SIGTERM stopped the run after a checkpoint; the same command resumes."""
+  exit_code = 75  # EX_TEMPFAIL: try again
+
+
 class _PreReducedAdam(keras.optimizers.Adam):
   """Adam that trusts the train step to have all-reduced (and clipped) the gradients.
 
@@ -93,16 +98,25 @@ def _next_boundary(step, cfg):
   return min(nxt, step + t.steps_per_loop)
 
 
+# Keys a resumed run must share with the checkpoint it resumes: they fix the
+# weight and carried-state shapes, and the mapping from step to data.
+_FIXED_ON_RESUME = ('model.hidden_size', 'model.num_layers', 'data.seq_length',
+                    'data.batch_size', 'data.mode', 'data.val_fraction')
+
+
 def _resolve_config(config, workdir):
+  """Writes config.json; on resume, refuses settings the checkpoint cannot take."""
   path = storage.join(workdir, CONFIG_FILE)
   resolved = config_lib.to_json(config)
-  if storage.exists(path):
+  if storage.exists(path) and tf.train.latest_checkpoint(storage.join(workdir, CKPT_DIR)):
     old = storage.read_json(path)
-    for section in ('model', 'data'):
-      for k, v in old.get(section, {}).items():
-        if resolved[section].get(k) != v and k not in ('corpus',):
-          logging.warning('Resuming with %s.%s=%r (was %r)', section, k,
-                          resolved[section].get(k), v)
+    for key in _FIXED_ON_RESUME:
+      section, name = key.split('.')
+      was, now = old.get(section, {}).get(name), resolved[section][name]
+      if was != now:
+        raise config_lib.ConfigError(
+            f'{workdir} holds a run with {key}={was!r}; this config has {now!r}. '
+            f'Resume with --config.{key}={was!r}, or use a new --workdir.')
   storage.write_json(path, resolved)
 
 
@@ -175,6 +189,10 @@ def train_and_evaluate(config, workdir, stop_at=None):
   with strategy.scope():
     models = model_lib.build(vocab.size, config.model.hidden_size,
                              config.model.num_layers, t, config.runtime.precision)
+    cudnn_ok, why_not = model_lib.cudnn_report(models)
+    logging.info('LSTM %s the cuDNN kernel conditions%s.',
+                 'meets' if cudnn_ok else 'does not meet',
+                 '' if cudnn_ok else ': ' + '; '.join(why_not))
     optimizer, schedule = make_optimizer(cfg_t)
     # Built inside the scope so Adam's slots are mirrored like the weights.
     optimizer.build(models.train.trainable_variables)
@@ -329,8 +347,12 @@ def train_and_evaluate(config, workdir, stop_at=None):
                 'export': None, 'replicas': strategy.num_replicas_in_sync}
       if stop.signum:
         reporter.flush()
-        raise TrainingError(f'Interrupted by signal {stop.signum} at step {step}; '
-                            'checkpoint saved. Run the same command to resume.')
+        raise Interrupted(f'Interrupted by signal {stop.signum} at step {step}; '
+                          'checkpoint saved. Run the same command to resume.')
+  if math.isnan(val_loss):  # nothing left to train (a finished run resumed)
+    val_loss = evaluate()
+    logging.info('Already at step %d of %d; val loss %.4f nats/char.', step,
+                 cfg_t.num_steps, val_loss)
   reporter.flush()
   export_dir = None
   if cfg_t.export:

@@ -2,6 +2,10 @@
 
 import json
 import math
+import re
+import signal
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -10,7 +14,7 @@ import tensorflow as tf
 
 from pipeline import config as config_lib
 from pipeline import train
-from tests.conftest import ROOT, run
+from tests.conftest import CHILD_ENV, ROOT, error_lines, run
 
 
 def smoke(**overrides):
@@ -124,3 +128,64 @@ def test_mirrored_two_replicas_match_one_device_after_several_adam_steps(tmp_pat
     # Adam slots that were not mirrored drifted ~3e-2 in 4 steps; demand far less.
     np.testing.assert_allclose(two['kernel'], one['kernel'], atol=2e-5)
     assert one['losses'][-1] < one['losses'][0]
+
+
+def test_interrupted_launcher_checkpoints_and_the_same_command_resumes(tmp_path):
+  """Ctrl-C (SIGINT) mid-run: checkpoint at the loop boundary, exit 75, rerun finishes."""
+  args = [sys.executable, '-m', 'launch.train', '--config=configs/shakespeare.py:smoke',
+          f'--workdir={tmp_path}', '--config.train.num_steps=300',
+          '--config.train.log_every=10', '--config.train.eval_every=300',
+          '--config.train.checkpoint_every=300', '--config.train.export=false']
+  proc = subprocess.Popen(args, cwd=ROOT, env=CHILD_ENV, stderr=subprocess.PIPE, text=True)
+  seen = []
+  for line in proc.stderr:  # wait for real progress, not for a fixed time
+    seen.append(line)
+    if 'step 20/300' in line:
+      proc.send_signal(signal.SIGINT)
+      break
+  rest = proc.communicate(timeout=120)[1]
+  assert proc.returncode == 75, ''.join(seen) + rest
+  lines = error_lines(rest)
+  assert len(lines) == 1 and 'Run the same command to resume' in lines[0]
+  stopped_at = int(re.search(r'at step (\d+)', lines[0]).group(1))
+  assert 20 <= stopped_at < 300
+  ckpt = tf.train.latest_checkpoint(str(tmp_path / 'checkpoints'))
+  assert ckpt.endswith(f'ckpt-{stopped_at}')
+  again = subprocess.run(args, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True,
+                         timeout=300)
+  assert again.returncode == 0, again.stderr
+  assert f'at step {stopped_at}' in again.stderr  # "Resumed from ... at step N."
+  assert tf.train.latest_checkpoint(str(tmp_path / 'checkpoints')).endswith('ckpt-300')
+
+
+def test_resume_refuses_a_different_model_shape(tmp_path):
+  train.train_and_evaluate(smoke(**{'train.num_steps': 10}), str(tmp_path))
+  config_before = (tmp_path / 'config.json').read_text()
+  with pytest.raises(config_lib.ConfigError, match=r'model.hidden_size=64.*new --workdir'):
+    train.train_and_evaluate(smoke(**{'train.num_steps': 20, 'model.hidden_size': 32}),
+                             str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == config_before
+
+
+def test_finished_run_resumed_reports_val_loss_without_training(tmp_path):
+  first = train.train_and_evaluate(smoke(**{'train.num_steps': 10}), str(tmp_path))
+  again = train.train_and_evaluate(smoke(**{'train.num_steps': 10}), str(tmp_path))
+  assert again['step'] == 10
+  assert again['val_loss'] == pytest.approx(first['val_loss'], abs=1e-6)
+
+
+def test_xla_compiled_step_matches_the_plain_step(tmp_path):
+  kw = {'data.mode': 'stream', 'train.num_steps': 6, 'train.steps_per_loop': 3}
+  plain = train.train_and_evaluate(smoke(**kw), str(tmp_path / 'plain'))
+  xla = train.train_and_evaluate(smoke(**kw, **{'train.jit_compile': True}), str(tmp_path / 'xla'))
+  assert xla['train_loss'] == pytest.approx(plain['train_loss'], abs=1e-4)
+  assert xla['val_loss'] == pytest.approx(plain['val_loss'], abs=1e-4)
+
+
+def test_bfloat16_precision_trains_close_to_float32(tmp_path):
+  kw = {'train.num_steps': 6, 'train.steps_per_loop': 3}
+  f32 = train.train_and_evaluate(smoke(**kw), str(tmp_path / 'f32'))
+  bf16 = train.train_and_evaluate(smoke(**kw, **{'runtime.precision': 'bfloat16'}),
+                                  str(tmp_path / 'bf16'))
+  assert bf16['train_loss'] == pytest.approx(f32['train_loss'], abs=2e-2)
+  assert bf16['val_loss'] < math.log(65)
