@@ -164,7 +164,8 @@ def train_and_evaluate(config, workdir, stop_at=None):
 
   Returns:
     dict with 'step', 'train_loss' and 'val_loss' (nats/char) of the last
-    step, 'export' (path or None) and 'replicas'.
+    step, 'export' (path or None), 'replicas' and 'chars_per_sec' (train
+    throughput over the last progress interval).
   """
   config = config_lib.finalize(config)
   cfg_d, cfg_t = config.data, config.train
@@ -311,6 +312,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
   step = start
   train_loss = val_loss = float('nan')
   chars_per_step = gb * t
+  window_steps, window_seconds, chars_per_sec = 0, 0.0, float('nan')
   with _StopFlag() as stop:
     while step < cfg_t.num_steps:
       n = _next_boundary(step, config) - step
@@ -318,7 +320,8 @@ def train_and_evaluate(config, workdir, stop_at=None):
         n = min(n, max(stop_at - step, 1))
       t0 = time.perf_counter()
       train_loss = float(train_loop(iterator, tf.constant(n)))
-      seconds = time.perf_counter() - t0
+      window_seconds += time.perf_counter() - t0
+      window_steps += n
       if not math.isfinite(train_loss):
         raise TrainingError(
             f'Loss became {train_loss} in steps {step + 1}..{step + n}. Stopped '
@@ -327,8 +330,11 @@ def train_and_evaluate(config, workdir, stop_at=None):
       step += n
       last = step == cfg_t.num_steps
       if step % cfg_t.log_every == 0 or last:
-        reporter.train(step, train_loss, n, n * chars_per_step, seconds,
-                       float(schedule(optimizer.iterations)))
+        # Throughput since the last progress line; eval and checkpoint time excluded.
+        chars_per_sec = window_steps * chars_per_step / window_seconds
+        reporter.train(step, train_loss, window_steps, window_steps * chars_per_step,
+                       window_seconds, float(schedule(optimizer.iterations)))
+        window_steps, window_seconds = 0, 0.0
       if step % cfg_t.eval_every == 0 or last:
         val_loss = evaluate()
         sample = cfg_t.sample_prompt + sample_fn(
@@ -344,7 +350,8 @@ def train_and_evaluate(config, workdir, stop_at=None):
       if halt and not stop.signum:
         reporter.flush()
         return {'step': step, 'train_loss': train_loss, 'val_loss': val_loss,
-                'export': None, 'replicas': strategy.num_replicas_in_sync}
+                'export': None, 'replicas': strategy.num_replicas_in_sync,
+                'chars_per_sec': chars_per_sec}
       if stop.signum:
         reporter.flush()
         raise Interrupted(f'Interrupted by signal {stop.signum} at step {step}; '
@@ -360,4 +367,5 @@ def train_and_evaluate(config, workdir, stop_at=None):
         models, vocab, storage.join(workdir, EXPORT_DIR),
         extra_assets={'config.json': storage.join(workdir, CONFIG_FILE)})
   return {'step': step, 'train_loss': train_loss, 'val_loss': val_loss,
-          'export': export_dir, 'replicas': strategy.num_replicas_in_sync}
+          'export': export_dir, 'replicas': strategy.num_replicas_in_sync,
+          'chars_per_sec': chars_per_sec}
