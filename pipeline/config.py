@@ -11,8 +11,8 @@ import ml_collections
 
 from pipeline import errors
 
-STRATEGIES = ('auto', 'cpu', 'mirrored')
-PRECISIONS = ('float32', 'bfloat16')
+STRATEGIES = ('auto', 'cpu', 'gpu', 'mirrored', 'multi_worker', 'tpu')
+PRECISIONS = ('float32', 'bfloat16', 'float16')
 MODES = ('shuffle', 'stream')
 SCHEDULES = ('constant', 'cosine')
 
@@ -65,9 +65,10 @@ def base_config():
   c.train.export = True  # Export a SavedModel to <workdir>/export when training ends.
 
   c.runtime = ml_collections.ConfigDict()
-  c.runtime.strategy = 'auto'  # One of: auto, cpu, mirrored.
+  c.runtime.strategy = 'auto'  # auto (TPU, then GPUs, then CPU), cpu, gpu, mirrored, multi_worker, tpu.
   c.runtime.cpu_devices = 1  # Split the CPU into N logical devices (tests Mirrored on CPU).
-  c.runtime.precision = 'float32'  # 'float32' or 'bfloat16' (mixed; output layer stays float32).
+  c.runtime.tpu = 'local'  # TPUClusterResolver name: 'local' on a TPU VM, else the TPU's name.
+  c.runtime.precision = 'float32'  # float32; bfloat16 (TPU/CPU) or float16 (GPU, loss-scaled), mixed.
   c.runtime.deterministic = True  # tf op determinism: bit-exact resume; costs little on CPU.
   return c
 

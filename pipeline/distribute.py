@@ -1,9 +1,17 @@
 """Strategy selection: one place decides where the replicas run.
 
-`runtime.strategy`: auto | cpu | mirrored. `runtime.cpu_devices=N` splits the
-host CPU into N logical devices, so MirroredStrategy really runs N replicas on
-a laptop or in CI.
+`runtime.strategy`:
+  auto          a TPU if one is attached, else GPUs (mirrored if several), else the CPU
+                (mirrored over `runtime.cpu_devices` logical devices if > 1);
+  cpu / gpu     one replica on that device;
+  mirrored      MirroredStrategy over all local GPUs, or the logical CPU devices;
+  multi_worker  MultiWorkerMirroredStrategy over the hosts listed in TF_CONFIG;
+  tpu           TPUStrategy on `runtime.tpu` ('local' on a TPU VM).
 """
+
+import dataclasses
+import json
+import os
 
 import tensorflow as tf
 from absl import logging
@@ -13,6 +21,14 @@ from pipeline import errors
 
 class StrategyError(errors.Error):
   """The requested strategy cannot run here; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+  """This process's place in the cluster."""
+  index: int = 0
+  count: int = 1
+  is_chief: bool = True
 
 
 def configure_devices(cpu_devices):
@@ -31,31 +47,95 @@ def configure_devices(cpu_devices):
             'process.') from None
 
 
+def _tpu_strategy(tpu):
+  # Without a TPU, TF 2.21 fails deep inside TPUStrategy with a bare IndexError;
+  # check for devices first so the message can name the flag.
+  local = tpu in ('', 'local')
+  if local and not tf.config.list_logical_devices('TPU'):
+    raise StrategyError(
+        'runtime.strategy=tpu, but this machine has no TPU devices (run on a Cloud '
+        'TPU VM with tensorflow-tpu installed, or set --config.runtime.tpu=<name> '
+        'for a remote TPU, or pick --config.runtime.strategy=cpu|gpu|auto).')
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    if not local:
+      tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (ValueError, tf.errors.OpError) as e:
+    raise StrategyError(f'Could not reach TPU {tpu!r}: {e}. Check '
+                        '--config.runtime.tpu and that the TPU is READY.') from None
+  return tf.distribute.TPUStrategy(resolver)
+
+
+def _multi_worker_strategy():
+  if 'TF_CONFIG' not in os.environ:
+    raise StrategyError(
+        'runtime.strategy=multi_worker needs TF_CONFIG in the environment. Start '
+        'local workers with `python -m launch.cluster --num_workers=N -- <train flags>`, '
+        'or export TF_CONFIG on each host (see BUILD.md).')
+  try:
+    spec = json.loads(os.environ['TF_CONFIG'])
+    spec['cluster']['worker']  # pylint: disable=pointless-statement
+  except (ValueError, KeyError, TypeError):
+    raise StrategyError('TF_CONFIG is not valid JSON with cluster.worker and task '
+                        '(see BUILD.md).') from None
+  return tf.distribute.MultiWorkerMirroredStrategy(
+      cluster_resolver=tf.distribute.cluster_resolver.TFConfigClusterResolver())
+
+
 def make_strategy(runtime):
   """Returns the tf.distribute strategy for a `runtime` config section."""
-  configure_devices(runtime.cpu_devices)
   name = runtime.strategy
-  gpus = tf.config.list_logical_devices('GPU')
-  if name == 'auto':
-    if gpus:
-      name = 'mirrored' if len(gpus) > 1 else 'gpu'
-    else:
-      name = 'mirrored' if runtime.cpu_devices > 1 else 'cpu'
-  if name == 'cpu':
-    strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
-  elif name == 'gpu':
-    strategy = tf.distribute.OneDeviceStrategy('/gpu:0')
-  elif name == 'mirrored':
-    devices = [d.name for d in gpus] or [
-        d.name for d in tf.config.list_logical_devices('CPU')]
-    strategy = tf.distribute.MirroredStrategy(
-        devices, cross_device_ops=None if gpus else
-        tf.distribute.ReductionToOneDevice())
+  if name == 'multi_worker':
+    # MultiWorkerMirroredStrategy must be created before any other TF op runs.
+    strategy = _multi_worker_strategy()
   else:
-    raise StrategyError(f'Unknown runtime.strategy {name!r}.')
+    configure_devices(runtime.cpu_devices)
+    gpus = tf.config.list_logical_devices('GPU')
+    if name == 'auto':
+      if tf.config.list_logical_devices('TPU'):
+        name = 'tpu'
+      elif gpus:
+        name = 'mirrored' if len(gpus) > 1 else 'gpu'
+      else:
+        name = 'mirrored' if runtime.cpu_devices > 1 else 'cpu'
+    if name == 'gpu' and not gpus:
+      raise StrategyError(
+          'runtime.strategy=gpu, but TensorFlow sees no GPU (is the tensorflow[and-cuda] '
+          'wheel installed and nvidia-smi working?). Use --config.runtime.strategy=cpu '
+          'or auto.')
+    if name == 'cpu':
+      strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+    elif name == 'gpu':
+      strategy = tf.distribute.OneDeviceStrategy('/gpu:0')
+    elif name == 'mirrored':
+      devices = [d.name for d in gpus] or [
+          d.name for d in tf.config.list_logical_devices('CPU')]
+      strategy = tf.distribute.MirroredStrategy(
+          devices, cross_device_ops=None if gpus else tf.distribute.ReductionToOneDevice())
+    elif name == 'tpu':
+      strategy = _tpu_strategy(runtime.tpu)
+    else:
+      raise StrategyError(f'Unknown runtime.strategy {name!r}.')
   logging.info('Strategy %s with %d replica(s): %s', name,
                strategy.num_replicas_in_sync, type(strategy).__name__)
   return strategy
+
+
+def worker(strategy):
+  """Returns this process's Worker: index, count, and whether it is the chief."""
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+    return Worker()
+  jobs = resolver.cluster_spec().as_dict()
+  count = sum(len(v) for k, v in jobs.items() if k in ('chief', 'worker'))
+  task_type, index = resolver.task_type, resolver.task_id or 0
+  is_chief = task_type == 'chief' or (task_type == 'worker' and index == 0 and 'chief' not in jobs)
+  return Worker(index=index if task_type == 'worker' else 0, count=count, is_chief=is_chief)
+
+
+def has_gpu():
+  return bool(tf.config.list_logical_devices('GPU'))
 
 
 def check_batch(global_batch, strategy, what='data.batch_size'):

@@ -16,7 +16,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-POLICIES = {'float32': 'float32', 'bfloat16': 'mixed_bfloat16'}
+POLICIES = {'float32': 'float32', 'bfloat16': 'mixed_bfloat16', 'float16': 'mixed_float16'}
 
 
 @dataclasses.dataclass

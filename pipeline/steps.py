@@ -1,0 +1,190 @@
+"""The compiled parts of training: optimizer, carried state, train and eval loops.
+
+Each replica runs `replica_step` through `strategy.run`; `train.steps_per_loop`
+of them run inside one tf.function call, so the host wakes up once per loop.
+
+XLA (`train.jit_compile`), chosen per device by `jit_mode`:
+  'loop'  one replica on CPU: the whole loop (forward, backward, all-reduce,
+          Adam, carried state) is one XLA cluster; the host only stacks the
+          loop's batches, because IteratorGetNext has no XLA kernel. This is the
+          TPU proxy: it proves static shapes and no host round-trips.
+  'step'  several replicas: XLA over forward/backward only (XLA over Keras's
+          apply_gradients fails under MirroredStrategy in TF 2.21).
+  'off'   GPUs: cuDNN's fused LSTM is not XLA-compatible, and cuDNN wins; TPUs
+          compile the whole replica function anyway.
+"""
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from pipeline import model as model_lib
+
+
+class _PreReducedAdam(keras.optimizers.Adam):
+  """Adam that trusts the train step to have all-reduced (and clipped) the gradients.
+
+  Keras 3 clips per replica *before* its own all-reduce, which would clip
+  replica-local gradients under MirroredStrategy; the step therefore reduces,
+  then clips the global gradient, and this class skips the second reduction.
+  """
+
+  def _all_reduce_sum_gradients(self, grads_and_vars):
+    return list(grads_and_vars)
+
+
+def make_optimizer(train_cfg, precision='float32'):
+  """Adam with linear warm-up and optional cosine decay to 10%; loss-scaled for float16."""
+  lr = train_cfg.learning_rate
+  decay_steps = max(train_cfg.num_steps - train_cfg.warmup_steps, 1)
+  alpha = 0.1 if train_cfg.lr_schedule == 'cosine' else 1.0
+  if train_cfg.warmup_steps > 0:
+    sched = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps, alpha=alpha, warmup_target=lr,
+        warmup_steps=train_cfg.warmup_steps)
+  else:
+    sched = keras.optimizers.schedules.CosineDecay(lr, decay_steps, alpha=alpha)
+  opt = _PreReducedAdam(learning_rate=sched)
+  if precision == 'float16':
+    opt = keras.optimizers.LossScaleOptimizer(opt)
+  return opt, sched
+
+
+def jit_mode(jit_compile, strategy, has_gpu):
+  """Picks 'off', 'step' or 'loop' for this device and says why."""
+  if not jit_compile:
+    return 'off'
+  if has_gpu:
+    logging.warning('train.jit_compile ignored on GPU: the cuDNN LSTM kernel is not '
+                    'XLA-compatible, and cuDNN is the faster choice.')
+    return 'off'
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    logging.info('TPUStrategy compiles the whole replica function with XLA already.')
+    return 'off'
+  if strategy.num_replicas_in_sync == 1:
+    logging.info('XLA: compiling the whole steps_per_loop loop.')
+    return 'loop'
+  logging.info('XLA: compiling forward/backward only (%d replicas: XLA over '
+               'apply_gradients fails under MirroredStrategy).', strategy.num_replicas_in_sync)
+  return 'step'
+
+
+def state_variable(batch, num_layers, hidden, name):
+  """A carried-state variable holding all rows of the global batch.
+
+  Identical on every replica: each replica reads its rows by id and the step
+  scatters all replicas' new rows back, so the carried state checkpoints
+  exactly and resumes on any replica layout.
+  """
+  return tf.Variable(
+      tf.zeros([batch, num_layers, hidden]), trainable=False, name=name,
+      synchronization=tf.VariableSynchronization.ON_WRITE,
+      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+def _carry_in(state_vars, batch):
+  keep = (1.0 - batch['reset'])[:, None, None]
+  return tuple(tf.gather(v, batch['rows']) * keep for v in state_vars)
+
+
+def _carry_out(state_vars, batch, new_states):
+  ctx = tf.distribute.get_replica_context()
+  rows = ctx.all_gather(batch['rows'], axis=0)[:, None]
+  for var, new in zip(state_vars, new_states):
+    var.assign(tf.tensor_scatter_nd_update(var, rows, ctx.all_gather(new, axis=0)))
+
+
+@dataclasses.dataclass
+class Loops:
+  train: object  # (iterator, n) -> mean train loss over the n steps (nats/char)
+  eval: object  # (iterator, n) -> summed validation loss (nats)
+
+
+def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
+          train_state, eval_state, step_var, mode='off'):
+  """Builds the train and eval loop functions for `strategy`."""
+  variables = models.train.trainable_variables
+  num_layers = len(models.lstms)
+  hidden = models.lstms[0].units
+  scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+  def forward_backward(inputs, targets, h, c):
+    with tf.GradientTape() as tape:
+      logits, h2, c2 = models.train([inputs, h, c], training=True)
+      per_char = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
+      # Scaled by the global batch: summing replicas' gradients gives the mean.
+      loss = tf.nn.compute_average_loss(tf.reduce_mean(per_char, axis=1),
+                                        global_batch_size=global_batch)
+      target = optimizer.scale_loss(loss) if scaled else loss
+    return tape.gradient(target, variables), loss, h2, c2
+
+  if mode == 'step':
+    forward_backward = tf.function(forward_backward, jit_compile=True)
+
+  def replica_step(batch):
+    if stream:
+      h, c = _carry_in(train_state, batch)
+    else:
+      h, c = model_lib.zero_state(tf.shape(batch['targets'])[0], num_layers, hidden)
+    grads, loss, h2, c2 = forward_backward(batch['inputs'], batch['targets'], h, c)
+    grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+    if clip_norm > 0:
+      # Norm clipping commutes with loss scaling: clip the scaled grads at scale * norm.
+      limit = clip_norm * (tf.cast(optimizer.dynamic_scale, tf.float32) if scaled else 1.0)
+      grads, _ = tf.clip_by_global_norm(grads, limit)
+    optimizer.apply_gradients(zip(grads, variables))
+    if stream:
+      _carry_out(train_state, batch, (h2, c2))
+    return loss
+
+  @tf.function
+  def train_loop(iterator, n):
+    total = tf.constant(0.0)
+    for _ in tf.range(n):
+      loss = strategy.run(replica_step, args=(next(iterator),))
+      total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+      step_var.assign_add(1)
+    return total / tf.cast(n, tf.float32)
+
+  @tf.function(jit_compile=True)
+  def xla_replica_loop(stacked):
+    n = stacked['targets'].shape[0]
+    total = tf.constant(0.0)
+    for i in tf.range(n):
+      total += replica_step({k: v[i] for k, v in stacked.items()})
+    return total / n
+
+  @tf.function
+  def xla_train_loop(iterator, n):
+    # n is a Python int: one XLA program per distinct loop length (a handful).
+    batches = [next(iterator) for _ in range(n)]
+    stacked = {k: tf.stack([b[k] for b in batches]) for k in batches[0]}
+    loss = strategy.run(xla_replica_loop, args=(stacked,))
+    step_var.assign_add(n)
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+
+  def replica_eval(batch):
+    if stream:
+      h, c = _carry_in(eval_state, batch)
+    else:
+      h, c = model_lib.zero_state(tf.shape(batch['targets'])[0], num_layers, hidden)
+    logits, h2, c2 = models.train([batch['inputs'], h, c], training=False)
+    if stream:
+      _carry_out(eval_state, batch, (h2, c2))
+    return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        batch['targets'], tf.cast(logits, tf.float32)))
+
+  @tf.function
+  def eval_loop(iterator, n):
+    total = tf.constant(0.0)
+    for _ in tf.range(n):
+      total += strategy.reduce(tf.distribute.ReduceOp.SUM,
+                               strategy.run(replica_eval, args=(next(iterator),)),
+                               axis=None)
+    return total
+
+  if mode == 'loop':
+    return Loops(train=lambda it, n: xla_train_loop(it, int(n)), eval=eval_loop)
+  return Loops(train=lambda it, n: train_loop(it, tf.constant(n)), eval=eval_loop)
