@@ -94,7 +94,8 @@ def train_and_evaluate(config, workdir, stop_at=None):
   Returns:
     dict with 'step', 'train_loss' and 'val_loss' (nats/char) of the last
     step, 'export' (path or None), 'replicas', 'chars_per_sec' (train
-    throughput over the last progress interval) and 'weights_digest'.
+    throughput over the last progress interval), 'weights_digest' and
+    'jit_mode' (see pipeline.steps).
   """
   config = config_lib.finalize(config)
   cfg_d, cfg_t = config.data, config.train
@@ -157,11 +158,11 @@ def train_and_evaluate(config, workdir, stop_at=None):
       lambda ctx: data_lib.make_dataset(
           corpus.val, vocab.size, eval_layout, ctx, num_steps=eval_layout.steps_per_epoch,
           shuffle=False))
+  jit = steps_lib.jit_mode(cfg_t.jit_compile, strategy, distribute.has_gpu())
   loops = steps_lib.build(
       strategy, models, optimizer, global_batch=gb, stream=stream,
       clip_norm=cfg_t.grad_clip_norm, train_state=train_state, eval_state=eval_state,
-      step_var=step_var,
-      mode=steps_lib.jit_mode(cfg_t.jit_compile, strategy, distribute.has_gpu()))
+      step_var=step_var, mode=jit)
 
   chars = tf.constant(list(vocab.chars))
   codepoints = tf.constant([ord(ch) for ch in vocab.chars], tf.int32)
@@ -188,7 +189,8 @@ def train_and_evaluate(config, workdir, stop_at=None):
   def result(step, train_loss, val_loss, export_dir=None):
     return {'step': step, 'train_loss': train_loss, 'val_loss': val_loss,
             'export': export_dir, 'replicas': strategy.num_replicas_in_sync,
-            'chars_per_sec': chars_per_sec, 'weights_digest': _digest(models)}
+            'chars_per_sec': chars_per_sec, 'weights_digest': _digest(models),
+            'jit_mode': jit}
 
   reporter = report_lib.Reporter(workdir, cfg_t.num_steps, write=worker.is_chief)
   iterator = iter(train_ds)
@@ -274,7 +276,10 @@ def _lost_worker_guard(worker, checkpoints, fn, *args):
   except _PEER_ERRORS as e:
     if worker.count == 1:
       raise
-    first = str(e).strip().split('\n')[0][:200]
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    telling = [l for l in lines if any(w in l.lower() for w in (
+        'peer', 'heartbeat', 'task', 'connection', 'unavailable', 'deadline'))]
+    first = (telling or lines or [''])[0][:200]
     raise ckpt_lib.WorkerLost(
         f'Lost contact with the cluster ({type(e).__name__}: {first}). Relaunch all '
         f'workers to resume from the last checkpoint ({checkpoints.latest}).') from None

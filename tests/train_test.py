@@ -178,6 +178,7 @@ def test_xla_compiled_step_matches_the_plain_step(tmp_path):
   kw = {'data.mode': 'stream', 'train.num_steps': 6, 'train.steps_per_loop': 3}
   plain = train.train_and_evaluate(smoke(**kw), str(tmp_path / 'plain'))
   xla = train.train_and_evaluate(smoke(**kw, **{'train.jit_compile': True}), str(tmp_path / 'xla'))
+  assert (plain['jit_mode'], xla['jit_mode']) == ('off', 'loop')  # the whole loop under XLA
   assert xla['train_loss'] == pytest.approx(plain['train_loss'], abs=1e-4)
   assert xla['val_loss'] == pytest.approx(plain['val_loss'], abs=1e-4)
 
