@@ -10,6 +10,7 @@
 """
 
 import dataclasses
+import glob
 import json
 import os
 
@@ -47,23 +48,30 @@ def configure_devices(cpu_devices):
             'process.') from None
 
 
+def _tpu_attached():
+  """Whether this host looks like a TPU VM (devices may only be listed after init)."""
+  return bool(tf.config.list_logical_devices('TPU') or glob.glob('/dev/accel*')
+              or os.environ.get('TPU_NAME') or os.environ.get('TPU_ACCELERATOR_TYPE'))
+
+
 def _tpu_strategy(tpu):
-  # Without a TPU, TF 2.21 fails deep inside TPUStrategy with a bare IndexError;
-  # check for devices first so the message can name the flag.
-  local = tpu in ('', 'local')
-  if local and not tf.config.list_logical_devices('TPU'):
-    raise StrategyError(
-        'runtime.strategy=tpu, but this machine has no TPU devices (run on a Cloud '
-        'TPU VM with tensorflow-tpu installed, or set --config.runtime.tpu=<name> '
-        'for a remote TPU, or pick --config.runtime.strategy=cpu|gpu|auto).')
+  # Without a TPU, TF 2.21 fails deep inside TPUStrategy with a bare IndexError,
+  # so initialise first and check the devices, and name the flags on failure.
+  hint = ('Run on a Cloud TPU VM with tensorflow-tpu installed, set '
+          '--config.runtime.tpu=<name> for a TPU reached over the network, or pick '
+          '--config.runtime.strategy=cpu|gpu|auto.')
   try:
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-    if not local:
+    if tpu not in ('', 'local'):
       tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
   except (ValueError, tf.errors.OpError) as e:
-    raise StrategyError(f'Could not reach TPU {tpu!r}: {e}. Check '
-                        '--config.runtime.tpu and that the TPU is READY.') from None
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    raise StrategyError(f'runtime.strategy=tpu, but no TPU devices were found '
+                        f'(runtime.tpu={tpu!r}: {first}). {hint}') from None
+  if not tf.config.list_logical_devices('TPU'):
+    raise StrategyError(f'runtime.strategy=tpu, but no TPU devices were found after '
+                        f'initialising runtime.tpu={tpu!r}. {hint}')
   return tf.distribute.TPUStrategy(resolver)
 
 
@@ -93,7 +101,7 @@ def make_strategy(runtime):
     configure_devices(runtime.cpu_devices)
     gpus = tf.config.list_logical_devices('GPU')
     if name == 'auto':
-      if tf.config.list_logical_devices('TPU'):
+      if _tpu_attached():
         name = 'tpu'
       elif gpus:
         name = 'mirrored' if len(gpus) > 1 else 'gpu'

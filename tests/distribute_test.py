@@ -15,7 +15,7 @@ def runtime(**kw):
 
 def test_tpu_without_tpu_names_the_flag_instead_of_index_error():
   with pytest.raises(distribute.StrategyError,
-                     match=r'no TPU devices.*--config.runtime.tpu.*--config.runtime.strategy'):
+                     match=r'no TPU devices were found.*--config.runtime.tpu.*--config.runtime.strategy'):
     distribute.make_strategy(runtime(strategy='tpu'))
 
 

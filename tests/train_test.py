@@ -190,3 +190,12 @@ def test_bfloat16_precision_trains_close_to_float32(tmp_path):
                                   str(tmp_path / 'bf16'))
   assert bf16['train_loss'] == pytest.approx(f32['train_loss'], abs=2e-2)
   assert bf16['val_loss'] < math.log(65)
+
+
+def test_float16_with_loss_scaling_trains_close_to_float32(tmp_path):
+  kw = {'train.num_steps': 6, 'train.steps_per_loop': 3}
+  f32 = train.train_and_evaluate(smoke(**kw), str(tmp_path / 'f32'))
+  f16 = train.train_and_evaluate(smoke(**kw, **{'runtime.precision': 'float16'}),
+                                 str(tmp_path / 'f16'))
+  assert f16['train_loss'] == pytest.approx(f32['train_loss'], abs=5e-2)
+  assert f16['val_loss'] < math.log(65)
