@@ -13,12 +13,6 @@ def runtime(**kw):
   return r
 
 
-def test_tpu_without_tpu_names_the_flag_instead_of_index_error():
-  with pytest.raises(distribute.StrategyError,
-                     match=r'no TPU devices were found.*--config.runtime.tpu.*--config.runtime.strategy'):
-    distribute.make_strategy(runtime(strategy='tpu'))
-
-
 def test_gpu_without_gpu_is_a_clear_error():
   with pytest.raises(distribute.StrategyError, match=r'sees no GPU.*strategy=cpu'):
     distribute.make_strategy(runtime(strategy='gpu'))
@@ -36,10 +30,14 @@ def test_auto_on_a_cpu_only_machine_picks_one_cpu_replica():
   assert distribute.worker(strategy) == distribute.Worker(index=0, count=1, is_chief=True)
 
 
-def test_launcher_reports_missing_tpu_in_one_line(tmp_path):
+def test_tpu_without_tpu_is_one_line_naming_the_flags_not_an_index_error(tmp_path):
+  # In a subprocess: a failed TPU initialisation leaves the process's TF runtime unusable.
   proc = run(['-m', 'launch.train', '--config=configs/shakespeare.py:smoke',
               f'--workdir={tmp_path}', '--config.runtime.strategy=tpu'], check=False)
   assert proc.returncode == 2
   lines = error_lines(proc.stderr)
-  assert len(lines) == 1 and 'no TPU devices' in lines[0], proc.stderr
+  assert len(lines) == 1, proc.stderr
+  assert 'no TPU devices were found' in lines[0]
+  assert '--config.runtime.tpu' in lines[0] and '--config.runtime.strategy' in lines[0]
+  assert 'IndexError' not in proc.stderr
   assert not list(tmp_path.glob('checkpoints/ckpt-*'))
