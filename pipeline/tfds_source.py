@@ -1,0 +1,179 @@
+"""TFDS corpora: `data.corpus=tfds:char_corpus/tinyshakespeare[:1.0.0]`.
+
+A TFDS corpus is a dataset prepared once (`prepare`, i.e.
+`python -m launch.prepare`) into a data dir, local or gs://, and read from
+there by `read_splits`, which returns the train and validation text that
+`pipeline.corpus.load` then encodes like any other corpus (same vocabulary
+rule: the sorted characters of train + validation). Reading needs only the
+prepared files, not the builder code. Nothing here touches the network: the
+builder declares no URLs and GCS downloads are turned off.
+
+tensorflow_datasets is imported lazily, here only, so runs on plain-text
+corpora never import it.
+"""
+
+import importlib.util
+import os
+import sys
+
+from absl import logging
+
+from pipeline import corpus as corpus_lib
+from pipeline import storage
+
+PREFIX = 'tfds:'
+BUILDER = 'char_corpus'
+_BUILDER_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', BUILDER)
+
+
+def is_tfds(path):
+  """True if a `data.corpus` value names a TFDS dataset (`tfds:NAME[/CONFIG][:VERSION]`)."""
+  return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def dataset_name(path):
+  """`tfds:char_corpus/quijote:1.0.0` -> `char_corpus/quijote:1.0.0`."""
+  name = path[len(PREFIX):] if is_tfds(path) else path
+  if not name or name.startswith('/'):
+    raise corpus_lib.CorpusError(
+        f'{path!r} names no TFDS dataset. Use tfds:NAME/CONFIG[:VERSION], e.g. '
+        'tfds:char_corpus/tinyshakespeare.')
+  return name
+
+
+def _prepare_command(name, data_dir):
+  if name.split('/')[0].split(':')[0] == BUILDER:
+    manual = ' --manual_dir=YOUR_TEXT_DIR' if '/custom' in name else ''
+    return (f'python -m launch.prepare --dataset={name} '
+            f'--data_dir={data_dir or "DIR"}{manual}')
+  return (f'tfds.builder({name!r}, data_dir={data_dir or "DIR"!r})'
+          '.download_and_prepare()')
+
+
+def read_splits(path, data_dir, val_fraction):
+  """Reads a prepared TFDS corpus; returns (train_text, validation_text).
+
+  Args:
+    path: `tfds:NAME/CONFIG[:VERSION]`; without a version, the newest prepared one.
+    data_dir: where it was prepared, local or gs://; '' or None is TFDS's default
+      ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+    val_fraction: data.val_fraction. The caller splits train + validation
+      again with it (`pipeline.corpus.split`), so any fraction gives the ids the
+      same text read from a file would; a fraction other than the one the
+      dataset was prepared with is only logged.
+
+  Raises:
+    CorpusError: one line, if the dataset is not prepared there (naming the
+      command that prepares it) or is not a text corpus.
+  """
+  name = dataset_name(path)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  where = data_dir or 'the default TFDS data dir'
+  try:
+    builder = tfds.core.read_only_builder.builder_from_files(
+        name, data_dir=data_dir or None)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+    del e
+    raise corpus_lib.CorpusError(
+        f'TFDS dataset {name!r} is not prepared in {where}. Prepare it once '
+        f'with `{_prepare_command(name, data_dir)}`, or set '
+        '--config.data.tfds_data_dir to where it was prepared.') from None
+  missing = {'train', 'validation'} - set(builder.info.splits.keys())
+  if missing or 'text' not in builder.info.features:
+    raise corpus_lib.CorpusError(
+        f'TFDS dataset {name!r} ({builder.data_dir}) needs a `text` feature and '
+        f'train and validation splits; it has features '
+        f'{sorted(builder.info.features.keys())} and splits '
+        f'{sorted(builder.info.splits.keys())}. Use a char_corpus config.')
+  texts = [_read_split(tfds, builder, s) for s in ('train', 'validation')]
+  _check_split(name, builder, len(texts[0]), len(texts[1]), val_fraction)
+  return texts[0], texts[1]
+
+
+def _read_split(tfds, builder, split):
+  # In order: one shard at a time, no file shuffling. With disable_shuffling
+  # the examples sit in the files in key (= index) order.
+  read_config = tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False)
+  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
+  parts = []
+  for i, ex in enumerate(tfds.as_numpy(ds)):
+    if 'index' in ex and int(ex['index']) != i:
+      raise corpus_lib.CorpusError(
+          f'{builder.data_dir}: {split} example {i} has index {int(ex["index"])}; '
+          'the examples are out of order. Prepare the dataset again.')
+    parts.append(ex['text'].decode('utf-8'))
+  return ''.join(parts)
+
+
+def _check_split(name, builder, n_train, n_val, val_fraction):
+  """Logs when data.val_fraction re-splits the text differently from the prepared splits."""
+  total = n_train + n_val
+  _, want_val = corpus_lib.split(range(total), val_fraction)
+  if len(want_val) == n_val:
+    return
+  meta = os.path.join(os.fspath(builder.data_dir), 'metadata.json')
+  prepared = storage.read_json(meta).get('val_fraction') if storage.exists(meta) else None
+  prepared = prepared if prepared is not None else round(n_val / total, 6)
+  logging.info(
+      'TFDS dataset %s was split with val_fraction=%s (validation = last %d of %d '
+      'characters); data.val_fraction=%s holds out the last %d instead, exactly as '
+      'for the same text read from a file.', name, prepared, n_val, total,
+      val_fraction, len(want_val))
+
+
+def _builder_module():
+  """Imports data/char_corpus once (importing it registers the builder with TFDS)."""
+  mod_name = f'charlstm_data_{BUILDER}'
+  if mod_name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        mod_name, os.path.join(_BUILDER_DIR, '__init__.py'),
+        submodule_search_locations=[_BUILDER_DIR])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+      spec.loader.exec_module(module)
+    except BaseException:
+      del sys.modules[mod_name]
+      raise
+  return sys.modules[mod_name]
+
+
+def prepare(dataset, data_dir, manual_dir=None, overwrite=False):
+  """Builds `char_corpus/CONFIG[:VERSION]` into data_dir, offline; returns its directory.
+
+  Args:
+    dataset: e.g. 'char_corpus/tinyshakespeare' (a `tfds:` prefix is allowed).
+    data_dir: TFDS data dir, local or gs://; '' or None is TFDS's default.
+    manual_dir: the `custom` config's text: a file or a directory of UTF-8 files.
+    overwrite: regenerate even if the dataset is already prepared there (a
+      prepared dataset is otherwise reused as it is).
+  """
+  name = dataset_name(dataset)
+  if name.split('/')[0] != BUILDER:
+    raise corpus_lib.CorpusError(
+        f'Can only prepare {BUILDER}/<config> datasets, not {name!r}: '
+        f'--dataset={BUILDER}/tinyshakespeare, {BUILDER}/quijote or {BUILDER}/custom.')
+  if manual_dir and not storage.exists(manual_dir):
+    raise corpus_lib.CorpusError(f'--manual_dir {manual_dir!r} does not exist.')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  module = _builder_module()
+  configs = [c.name for c in module.CharCorpus.BUILDER_CONFIGS]
+  config = name.split(':')[0].partition('/')[2]
+  if config and config not in configs:
+    raise corpus_lib.CorpusError(
+        f'{BUILDER} has no config {config!r}; use one of {", ".join(configs)}.')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None, try_gcs=False)
+  except (ValueError, AssertionError) as e:  # e.g. an unknown version (AssertionError)
+    raise corpus_lib.CorpusError(
+        f'Cannot prepare {name!r}: {" ".join(str(e).split())}') from None
+  if builder.builder_config.source is None and not manual_dir:
+    raise corpus_lib.CorpusError(
+        f'{name} reads your own text: pass --manual_dir=DIR (a UTF-8 file or a '
+        'directory of them).')
+  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir or None, download_mode=mode, try_download_gcs=False))
+  return os.fspath(builder.data_dir)
