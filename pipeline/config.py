@@ -35,7 +35,8 @@ def base_config():
   c.seed = 0  # Seeds weights, window order, state resets and samples.
 
   c.data = ml_collections.ConfigDict()
-  c.data.corpus = bundled('tinyshakespeare.txt.gz')  # File, directory or glob; local or gs://.
+  c.data.corpus = bundled('tinyshakespeare.txt.gz')  # File, directory or glob; local or gs://; or tfds:NAME/CONFIG[:VERSION].
+  c.data.tfds_data_dir = ''  # Where tfds: corpora were prepared (launch.prepare); local or gs://; '' = TFDS default.
   c.data.val_fraction = 0.05  # Contiguous tail of the text held out for validation.
   c.data.seq_length = 100  # T: characters per window (truncated-BPTT length).
   c.data.batch_size = 64  # Global batch B, split evenly across replicas.

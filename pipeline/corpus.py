@@ -117,11 +117,12 @@ def split(ids, val_fraction):
   return ids[:len(ids) - n_val], ids[len(ids) - n_val:]
 
 
-def load(path, val_fraction, seq_length, vocab=None):
+def load(path, val_fraction, seq_length, vocab=None, tfds_data_dir=''):
   """Reads, encodes and splits a corpus.
 
   Args:
-    path: file, directory or glob, local or gs://.
+    path: file, directory or glob, local or gs://; or tfds:NAME/CONFIG[:VERSION],
+      a dataset prepared by launch.prepare (pipeline/tfds_source.py).
     val_fraction: tail fraction of the text held out for validation.
     seq_length: window length T; both splits must hold at least one window of
       T + 1 characters.
@@ -131,7 +132,12 @@ def load(path, val_fraction, seq_length, vocab=None):
   Returns:
     A Corpus.
   """
-  text = read_text(path)
+  if path.startswith('tfds:'):  # a prepared TFDS dataset, read from tfds_data_dir
+    from pipeline import tfds_source  # pylint: disable=g-import-not-at-top
+    # train + validation is the whole text; split() below applies val_fraction as for a file.
+    text = ''.join(tfds_source.read_splits(path, tfds_data_dir, val_fraction))
+  else:
+    text = read_text(path)
   if vocab is None:
     vocab = Vocab.from_text(text)
   ids = vocab.encode(text)

@@ -74,7 +74,8 @@ def _load_corpus(config, workdir, write):
   vocab_path = storage.join(workdir, corpus_lib.VOCAB_FILE)
   vocab = corpus_lib.Vocab.load(vocab_path) if storage.exists(vocab_path) else None
   corpus = corpus_lib.load(config.data.corpus, config.data.val_fraction,
-                           config.data.seq_length, vocab=vocab)
+                           config.data.seq_length, vocab=vocab,
+                           tfds_data_dir=config.data.tfds_data_dir)
   if vocab is None and write:
     # Other workers build the same vocabulary from the same text themselves.
     corpus.vocab.save(vocab_path)
