@@ -1,0 +1,156 @@
+"""The char_corpus TFDS builder (data/char_corpus) and `data.corpus=tfds:...` in training.
+
+Every build here is real (TFDS writes tfrecords into tmp_path) and offline.
+"""
+
+import socket
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import CHILD_ENV, ROOT, error_lines, run
+from pipeline import config as config_lib
+from pipeline import corpus as corpus_lib
+from pipeline import tfds_source
+
+tf = pytest.importorskip('tensorflow')
+tfds = pytest.importorskip('tensorflow_datasets')
+
+SHAKESPEARE = config_lib.bundled('tinyshakespeare.txt.gz')
+TFDS_SHAKESPEARE = 'tfds:char_corpus/tinyshakespeare'
+
+# Runs launch.prepare with Python-level internet sockets refused (and logged),
+# on top of the dead proxy and NO_GCE_CHECK in the environment, which cover
+# TensorFlow's C++ (curl) file systems and google-auth's metadata probe.
+_NO_NETWORK = r'''
+import runpy, socket, sys
+_connect = socket.socket.connect
+def _refuse(self, address):
+  if self.family in (socket.AF_INET, socket.AF_INET6):
+    sys.stderr.write(f'NETWORK ATTEMPT {address}\n')
+    raise OSError('network disabled in this test')
+  return _connect(self, address)
+socket.socket.connect = _refuse
+sys.argv = ['launch.prepare'] + sys.argv[1:]
+runpy.run_module('launch.prepare', run_name='__main__', alter_sys=True)
+'''
+
+
+def _closed_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]  # nothing listens on it once closed
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+  """tinyshakespeare prepared by `python -m launch.prepare` in a process without network."""
+  data_dir = tmp_path_factory.mktemp('tfds')
+  proxy = f'http://127.0.0.1:{_closed_port()}'
+  env = dict(CHILD_ENV, HTTP_PROXY=proxy, HTTPS_PROXY=proxy, http_proxy=proxy,
+             https_proxy=proxy, NO_GCE_CHECK='true', NO_PROXY='', no_proxy='',
+             TFDS_DATA_DIR=str(data_dir / 'not_used'))
+  import subprocess  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run(
+      [sys.executable, '-c', _NO_NETWORK, '--dataset=char_corpus/tinyshakespeare',
+       f'--data_dir={data_dir}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return data_dir, proc
+
+
+def test_builds_offline(prepared):
+  data_dir, proc = prepared
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'NETWORK ATTEMPT' not in proc.stderr, proc.stderr[-3000:]
+  builder_dir = data_dir / 'char_corpus' / 'tinyshakespeare' / '1.0.0'
+  assert f'Prepared {builder_dir}' in proc.stdout
+  assert '--config.data.corpus=tfds:char_corpus/tinyshakespeare' in proc.stdout
+  assert sorted(p.name for p in builder_dir.glob('*.tfrecord*')) == [
+      'char_corpus-train.tfrecord-00000-of-00001',
+      'char_corpus-validation.tfrecord-00000-of-00001']
+  assert not (data_dir / 'not_used').exists()
+
+
+def _examples(builder_dir, split):
+  builder = tfds.builder_from_directory(builder_dir)
+  assert builder.info.disable_shuffling
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  return [(int(ex['index']), ex['text'].decode('utf-8')) for ex in tfds.as_numpy(ds)]
+
+
+def _assert_in_order(builder_dir, text, val_fraction=0.05):
+  train, val = corpus_lib.split(text, val_fraction)
+  for split, want in (('train', train), ('validation', val)):
+    examples = _examples(builder_dir, split)
+    assert [i for i, _ in examples] == list(range(len(examples)))
+    assert all(len(t) == 1 << 16 for _, t in examples[:-1])
+    assert ''.join(t for _, t in examples) == want, split
+
+
+def test_examples_in_text_order(prepared):
+  data_dir, _ = prepared
+  builder_dir = data_dir / 'char_corpus' / 'tinyshakespeare' / '1.0.0'
+  assert len(_examples(builder_dir, 'train')) == 17  # 1,059,624 chars in 65,536-char examples
+  _assert_in_order(builder_dir, corpus_lib.read_text(SHAKESPEARE))
+
+
+def test_quijote_in_text_order(tmp_path):
+  builder_dir = tfds_source.prepare('char_corpus/quijote', str(tmp_path))
+  _assert_in_order(builder_dir, corpus_lib.read_text(config_lib.bundled('quijote.txt.gz')))
+
+
+def test_custom_from_manual_dir(tmp_path):
+  manual = tmp_path / 'texts'
+  manual.mkdir()
+  # NFD "é" (e + U+0301) must come out NFC; b.txt sorts after a.txt.
+  (manual / 'b.txt').write_text('Second file, cafe\u0301 ñ.\n' * 2000, encoding='utf-8')
+  (manual / 'a.txt').write_text('First file: ß → ∑ 文字\n' * 2000, encoding='utf-8')
+  (manual / '.hidden').write_text('skipped', encoding='utf-8')
+  data_dir = tmp_path / 'tfds'
+  builder_dir = tfds_source.prepare('char_corpus/custom', str(data_dir), str(manual))
+  assert builder_dir == str(data_dir / 'char_corpus' / 'custom' / '1.0.0')
+  text = corpus_lib.read_text(str(manual))
+  assert 'First file' in text.split('\n')[0] and 'café' in text and 'skipped' not in text
+  assert len(text) > 1 << 16  # more than one train example
+  _assert_in_order(builder_dir, text)
+  train, val = tfds_source.read_splits('tfds:char_corpus/custom', str(data_dir), 0.05)
+  assert train + val == text
+
+
+@pytest.mark.parametrize('val_fraction', [0.05, 0.01])
+def test_training_ids_match_text_path(prepared, val_fraction):
+  data_dir, _ = prepared
+  via_tfds = corpus_lib.load(TFDS_SHAKESPEARE, val_fraction, 100, tfds_data_dir=str(data_dir))
+  via_text = corpus_lib.load(SHAKESPEARE, val_fraction, 100)
+  assert via_tfds.vocab == via_text.vocab
+  assert via_tfds.train.dtype == via_text.train.dtype
+  np.testing.assert_array_equal(via_tfds.train, via_text.train)
+  np.testing.assert_array_equal(via_tfds.val, via_text.val)
+
+
+def test_same_first_batches(prepared):
+  from pipeline import data as data_lib  # pylint: disable=g-import-not-at-top
+  data_dir, _ = prepared
+  batches = []
+  for path, kw in ((TFDS_SHAKESPEARE, {'tfds_data_dir': str(data_dir)}), (SHAKESPEARE, {})):
+    c = corpus_lib.load(path, 0.05, 32, **kw)
+    layout = data_lib.make_layout(len(c.train), 32, 8, 'shuffle')
+    ds = data_lib.make_dataset(c.train, c.vocab.size, layout, seed=3, num_steps=3)
+    batches.append([{k: v.numpy() for k, v in b.items()} for b in ds])
+  assert len(batches[0]) == len(batches[1]) == 3
+  for got, want in zip(*batches):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_missing_dataset_is_one_line_error(tmp_path):
+  proc = run(['-m', 'launch.train', '--config=configs/shakespeare.py:smoke',
+              f'--workdir={tmp_path / "run"}', f'--config.data.corpus={TFDS_SHAKESPEARE}',
+              f'--config.data.tfds_data_dir={tmp_path / "empty"}'], check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert "TFDS dataset 'char_corpus/tinyshakespeare' is not prepared in" in lines[0]
+  assert ('python -m launch.prepare --dataset=char_corpus/tinyshakespeare '
+          f'--data_dir={tmp_path / "empty"}') in lines[0]
