@@ -123,7 +123,13 @@ def _check_split(name, builder, n_train, n_val, val_fraction):
 
 
 def _builder_module():
-  """Imports data/char_corpus once (importing it registers the builder with TFDS)."""
+  """Imports data/char_corpus once (importing it registers the builder with TFDS).
+
+  A second import under another module name would register `char_corpus`
+  twice, which TFDS refuses; so an existing `import data.char_corpus` is reused.
+  """
+  if f'data.{BUILDER}' in sys.modules:
+    return sys.modules[f'data.{BUILDER}']
   mod_name = f'charlstm_data_{BUILDER}'
   if mod_name not in sys.modules:
     spec = importlib.util.spec_from_file_location(
