@@ -15,6 +15,7 @@ import unicodedata
 import tensorflow as tf
 
 from pipeline import errors
+from pipeline import storage
 
 
 class SampleError(errors.Error):
@@ -23,6 +24,7 @@ class SampleError(errors.Error):
 
 def load(saved_model):
   """Loads a charlstm SavedModel; returns (module, vocab chars)."""
+  storage.check_gcs_path(saved_model)  # gs:// without credentials: one line, not a long wait
   if not tf.io.gfile.exists(os.path.join(saved_model, 'saved_model.pb')):
     raise SampleError(
         f'No SavedModel at {saved_model!r} (no saved_model.pb). Pass the export '
