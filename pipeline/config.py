@@ -14,6 +14,7 @@ from pipeline import errors
 STRATEGIES = ('auto', 'cpu', 'gpu', 'mirrored', 'multi_worker', 'tpu')
 PRECISIONS = ('float32', 'bfloat16', 'float16')
 MODES = ('shuffle', 'stream')
+DECODE_ERRORS = ('strict', 'replace')
 SCHEDULES = ('constant', 'cosine')
 
 
@@ -43,6 +44,8 @@ def base_config():
   c.data.eval_batch_size = 64  # Global batch for validation (streams in stream mode).
   c.data.mode = 'shuffle'  # 'shuffle': random windows from zero state; 'stream': carried state.
   c.data.state_reset_prob = 0.03  # Stream mode: chance per row and window of zeroing (h, c).
+  c.data.decode_errors = 'strict'  # Bytes that are not UTF-8: 'strict' stops naming file and offset; 'replace' reads U+FFFD and warns.
+  c.data.max_vocab = 1024  # Most distinct characters a new vocabulary may have (stray symbols bloat the softmax).
 
   c.model = ml_collections.ConfigDict()
   c.model.hidden_size = 256  # Units per LSTM layer.
@@ -107,6 +110,9 @@ def validate(c):
   _check(d.batch_size >= 1, f'data.batch_size must be >= 1, got {d.batch_size}.')
   _check(d.eval_batch_size >= 1, 'data.eval_batch_size must be >= 1.')
   _check(0.0 <= d.state_reset_prob <= 1.0, 'data.state_reset_prob must be in [0, 1].')
+  _check(d.decode_errors in DECODE_ERRORS,
+         f'data.decode_errors must be one of {DECODE_ERRORS}, got {d.decode_errors!r}.')
+  _check(d.max_vocab >= 2, f'data.max_vocab must be >= 2, got {d.max_vocab}.')
   _check(0.0 < d.val_fraction < 1.0,
          f'data.val_fraction must be in (0, 1), got {d.val_fraction}.')
   _check(m.hidden_size >= 1 and m.num_layers >= 1,

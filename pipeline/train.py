@@ -75,7 +75,9 @@ def _load_corpus(config, workdir, write):
   vocab = corpus_lib.Vocab.load(vocab_path) if storage.exists(vocab_path) else None
   corpus = corpus_lib.load(config.data.corpus, config.data.val_fraction,
                            config.data.seq_length, vocab=vocab,
-                           tfds_data_dir=config.data.tfds_data_dir)
+                           tfds_data_dir=config.data.tfds_data_dir,
+                           decode_errors=config.data.decode_errors,
+                           max_vocab=config.data.max_vocab)
   if vocab is None and write:
     # Other workers build the same vocabulary from the same text themselves.
     corpus.vocab.save(vocab_path)
