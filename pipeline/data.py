@@ -17,6 +17,18 @@ Each element is a dict:
   targets int32   (b, T) next-character ids,
   rows    int32   (b,) global row ids (which slice of carried state to use),
   reset   float32 (b,) 1 where the row starts from zero state.
+
+Memory: only a batch is ever one-hot, and the ids are not copied to build the
+pipeline. `_ids_tensor` hands the numpy array to TensorFlow through DLPack,
+which shares the buffer (in TF 2.21, measured, tf.constant(ids) allocates two
+copies of it, and TF's CPU allocator keeps one of them after the tensor is
+gone), and tf.data's default graph rewrites are off: a rewrite serialises the
+pipeline, copying the captured ids into a graph constant. One rewrite cannot be
+turned off: with op determinism on (runtime.deterministic, the default) TF
+applies `make_deterministic` whenever an iterator is made, so each iterator
+holds one copy of its split. Reading the ids through a tf.Variable would avoid
+that copy, but a variable read makes that rewrite run the whole pipeline
+sequentially without prefetching, so the copy is kept (see BUILD.md, Memory).
 """
 
 import dataclasses
@@ -29,6 +41,33 @@ from pipeline import errors
 
 class DataError(errors.Error):
   """The data cannot be batched as configured; the message says how to fix it."""
+
+
+# Tensors that TensorFlow takes over from numpy must be aligned like its own
+# allocations (64 bytes); a misaligned DLPack import aborts the process.
+_ALIGN = 64
+
+
+def _ids_tensor(ids):
+  """The ids as a CPU tensor that shares their memory when possible.
+
+  Arrays from pipeline.corpus are page-aligned; any other array (a slice that
+  starts mid-page, such as the validation split) is first copied once into
+  aligned numpy memory. Falls back to tf.constant (a copy) if DLPack fails.
+  """
+  ids = np.ascontiguousarray(ids)
+  if not ids.size:
+    return tf.constant(ids)
+  if ids.ctypes.data % _ALIGN or not ids.flags.writeable:
+    buf = np.empty(ids.nbytes + _ALIGN, np.uint8)
+    start = -buf.ctypes.data % _ALIGN
+    aligned = buf[start:start + ids.nbytes].view(ids.dtype)
+    aligned[:] = ids
+    ids = aligned
+  try:
+    return tf.experimental.dlpack.from_dlpack(ids.__dlpack__())
+  except (AttributeError, BufferError, TypeError, ValueError, tf.errors.OpError):
+    return tf.constant(ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +170,7 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
   first_replica = input_context.input_pipeline_id * local
 
   t = layout.seq_length
-  ids_t = tf.constant(ids)
+  ids_t = _ids_tensor(ids)  # captured by to_batch: shared with numpy, not copied
 
   def to_batch(flat):
     # flat = element * per_replica + i, counted from step 0 (the range starts
@@ -157,4 +196,12 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
                                  num_steps * local * per_replica)
   ds = flat.batch(per_replica, drop_remainder=True)
   ds = ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  # tf.data's default rewrites (fusions, injected prefetch, ...) serialise the
+  # pipeline, which copies the captured ids into a graph constant: one more copy
+  # of the split in memory, for rewrites that this range -> batch -> parallel
+  # map -> prefetch pipeline does not need. (make_deterministic still runs
+  # under op determinism; see the module docstring.)
+  options = tf.data.Options()
+  options.experimental_optimization.apply_default_optimizations = False
+  return ds.with_options(options)
