@@ -47,6 +47,12 @@ class CharLSTMModule(tf.Module):
     self._chars = tf.constant(list(vocab.chars), tf.string)
     self._codepoints = tf.constant([ord(ch) for ch in vocab.chars], tf.int32)
     self.vocab_asset = tf.saved_model.Asset(vocab_asset_path)
+    # serving_default draws a fresh seed per request from a saved generator
+    # state: varied text per call, no dependence on a global seed (which would
+    # replay the same text in every process), and no tf.timestamp (refused in
+    # processes that enable op determinism).
+    self.serving_rng = tf.random.Generator.from_seed(
+        int.from_bytes(os.urandom(8), 'little') >> 1)  # from_non_deterministic_state is refused under op determinism
     l, hd = self._num_layers, self._hidden
     state = tf.TensorSpec([None, l, hd], tf.float32)
     self.step = tf.function(self._step, input_signature=[
@@ -78,9 +84,7 @@ class CharLSTMModule(tf.Module):
     return {'text': text}
 
   def _serve(self, prompts):
-    # A fresh seed per request; a stateful RNG traced under a global seed would
-    # replay the same text in every server process.
-    seed = tf.cast(tf.timestamp() * 1e6, tf.int64)
+    seed = self.serving_rng.uniform_full_int([], tf.int64)
     return self._generate(prompts, tf.constant(SERVING_NUM_CHARS),
                           tf.constant(SERVING_TEMPERATURE), tf.constant(0), seed)
 
