@@ -8,7 +8,9 @@ Then train with --config.data.corpus=tfds:char_corpus/tinyshakespeare
 --config.data.tfds_data_dir=<the same data_dir>. Configs: tinyshakespeare and
 quijote (the corpora bundled in data/), custom (your UTF-8 files in
 --manual_dir). Nothing is downloaded. An existing prepared dataset is reused
-unless --overwrite.
+unless --overwrite. Preparing streams the text twice and never holds it whole,
+so a corpus may be larger than memory; train on such a corpus with
+--config.data.tfds_streaming=true --config.data.mode=stream.
 """
 
 from absl import app
@@ -25,6 +27,9 @@ _MANUAL_DIR = flags.DEFINE_string(
     'manual_dir', None, 'custom config: a UTF-8 text file or a directory of them.')
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Regenerate even if the dataset is already prepared in --data_dir.')
+_NUM_SHARDS = flags.DEFINE_integer(
+    'num_shards', None, 'Files per split (default: TFDS picks, about 1 GiB each). More '
+    'shards let a data.tfds_streaming run resume nearer to where it stopped.', lower_bound=1)
 flags.mark_flag_as_required('dataset')
 
 
@@ -33,7 +38,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from pipeline import tfds_source  # pylint: disable=g-import-not-at-top
   path = tfds_source.prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value,
-                             overwrite=_OVERWRITE.value)
+                             overwrite=_OVERWRITE.value, num_shards=_NUM_SHARDS.value)
   name = tfds_source.dataset_name(_DATASET.value)
   data_dir = f' --config.data.tfds_data_dir={_DATA_DIR.value}' if _DATA_DIR.value else ''
   print(f'Prepared {path}\nTrain on it with: --config.data.corpus=tfds:{name}{data_dir}')

@@ -38,6 +38,7 @@ def base_config():
   c.data = ml_collections.ConfigDict()
   c.data.corpus = bundled('tinyshakespeare.txt.gz')  # File, directory or glob; local or gs://; or tfds:NAME/CONFIG[:VERSION].
   c.data.tfds_data_dir = ''  # Where tfds: corpora were prepared (launch.prepare); local or gs://; '' = TFDS default.
+  c.data.tfds_streaming = False  # tfds: corpora: read the shards while training instead of loading the text (corpora larger than memory; data.mode=stream).
   c.data.val_fraction = 0.05  # Contiguous tail of the text held out for validation.
   c.data.seq_length = 100  # T: characters per window (truncated-BPTT length).
   c.data.batch_size = 64  # Global batch B, split evenly across replicas.
@@ -112,6 +113,13 @@ def validate(c):
   _check(0.0 <= d.state_reset_prob <= 1.0, 'data.state_reset_prob must be in [0, 1].')
   _check(d.decode_errors in DECODE_ERRORS,
          f'data.decode_errors must be one of {DECODE_ERRORS}, got {d.decode_errors!r}.')
+  _check(not d.tfds_streaming or d.corpus.startswith('tfds:'),
+         'data.tfds_streaming reads a prepared TFDS dataset; set data.corpus=tfds:NAME/CONFIG '
+         '(python -m launch.prepare) or drop --config.data.tfds_streaming.')
+  _check(not d.tfds_streaming or d.mode == 'stream',
+         'data.tfds_streaming reads each row of the batch as one contiguous stream of the '
+         "shards; shuffle mode needs random access to the whole text. Add "
+         '--config.data.mode=stream, or drop --config.data.tfds_streaming to load the text.')
   _check(d.max_vocab >= 2, f'data.max_vocab must be >= 2, got {d.max_vocab}.')
   _check(0.0 < d.val_fraction < 1.0,
          f'data.val_fraction must be in (0, 1), got {d.val_fraction}.')

@@ -307,8 +307,12 @@ def _files(path):
     raise CorpusError(str(e)) from None
 
 
-def _pieces(path, decode_errors, chunk_bytes):
-  """Yields (file, NFC text) pieces of the corpus; files are joined by a newline."""
+def pieces(path, decode_errors='strict', chunk_bytes=CHUNK_BYTES):
+  """Yields (file, NFC text) pieces of the corpus; files are joined by a newline.
+
+  Joined, the pieces are `read_text(path)`; each is at most about chunk_bytes
+  characters, so a caller can stream a corpus larger than memory.
+  """
   if decode_errors not in DECODE_ERRORS:
     raise CorpusError(
         f'data.decode_errors must be one of {DECODE_ERRORS}, got {decode_errors!r}.')
@@ -332,7 +336,7 @@ def read_text(path, decode_errors='strict', chunk_bytes=CHUNK_BYTES):
   This holds the whole text as a Python string (1-4 bytes per character);
   `load` and `encode` never do.
   """
-  text = ''.join(piece for _, piece in _pieces(path, decode_errors, chunk_bytes))
+  text = ''.join(piece for _, piece in pieces(path, decode_errors, chunk_bytes))
   if not text:
     raise _empty(path)
   return text
@@ -509,7 +513,7 @@ def encode(path, vocab=None, *, decode_errors='strict', max_vocab=None,
     (vocab, ids): ids is a 1-D array of vocab.dtype over the whole text.
   """
   encoder = _Encoder(vocab, max_vocab)
-  for f, piece in _pieces(path, decode_errors, chunk_bytes):
+  for f, piece in pieces(path, decode_errors, chunk_bytes):
     encoder.add(piece, f)
   return encoder.finish(path)
 

@@ -170,6 +170,10 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
   first_replica = input_context.input_pipeline_id * local
 
   t = layout.seq_length
+  if not isinstance(ids, np.ndarray):  # a tfds_source.StreamedSplit
+    return _streamed_dataset(ids, vocab_size, layout, first_replica, local, per_replica,
+                             seed=seed, start_step=start_step, num_steps=num_steps,
+                             reset_prob=reset_prob)
   ids_t = _ids_tensor(ids)  # captured by to_batch: shared with numpy, not copied
 
   def to_batch(flat):
@@ -205,3 +209,62 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
   options = tf.data.Options()
   options.experimental_optimization.apply_default_optimizations = False
   return ds.with_options(options)
+
+
+def _row_windows(source, first, stop, t):
+  """Windows of t + 1 ids at first, first + t, ... from source's ids [first, stop)."""
+  chunks = source.chars(first, stop).rebatch(t)  # [t], [t], ..., [1]
+
+  def pair(state, chunk):
+    prev, ready = state
+    # Window k is chunk k and the first id of chunk k + 1 (the last target).
+    window = tf.concat([prev, chunk[:1]], 0)
+    chunk = tf.pad(chunk, [[0, t - tf.shape(chunk)[0]]])
+    return (tf.ensure_shape(chunk, [t]), True), (window, ready)
+
+  windows = chunks.scan((tf.zeros([t], tf.int32), False), pair)
+  return windows.filter(lambda w, ready: ready).map(lambda w, ready: w)
+
+
+def _streamed_dataset(source, vocab_size, layout, first_replica, local, per_replica, *,
+                      seed, start_step, num_steps, reset_prob):
+  """Stream mode read from TFDS shards (data.tfds_streaming): the same batches as
+  make_dataset on the loaded ids, without the text in memory.
+
+  Row r is stream r, one sequential reader over the split's chars
+  [r * L, r * L + steps_per_epoch * T + 1); the rows this pipeline feeds are
+  interleaved one window at a time, so consecutive `per_replica` windows form
+  one replica's batch. Resuming at start_step opens each reader where its
+  stream is at that step, so nothing before it is decoded.
+  """
+  t, length, spe = layout.seq_length, layout.stream_length, layout.steps_per_epoch
+  k0 = start_step % spe
+
+  def row(r):
+    base = r * length
+    end = base + spe * t + 1
+    rest = _row_windows(source, base + k0 * t, end, t)
+    return rest.concatenate(_row_windows(source, base, end, t).repeat())
+
+  rows = tf.data.Dataset.range(first_replica * per_replica,
+                               (first_replica + local) * per_replica)
+  ds = rows.interleave(row, cycle_length=local * per_replica, block_length=1,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(per_replica, drop_remainder=True)
+  if num_steps is not None:
+    ds = ds.take((num_steps - start_step) * local)
+
+  def to_batch(j, window):
+    step = start_step + j // local
+    replica = first_replica + j % local
+    rows = replica * per_replica + tf.range(per_replica, dtype=tf.int64)
+    _, reset = _starts_and_reset(layout, step, rows, seed, reset_prob, False)
+    return {
+        'inputs': tf.one_hot(window[:, :-1], vocab_size, dtype=tf.float32),
+        'targets': window[:, 1:],
+        'rows': tf.cast(rows, tf.int32),
+        'reset': reset,
+    }
+
+  ds = ds.enumerate().map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.prefetch(tf.data.AUTOTUNE)

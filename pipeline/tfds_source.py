@@ -12,11 +12,14 @@ tensorflow_datasets is imported lazily, here only, so runs on plain-text
 corpora never import it.
 """
 
+import dataclasses
 import importlib.util
 import os
 import sys
 
 from absl import logging
+import numpy as np
+import tensorflow as tf
 
 from pipeline import corpus as corpus_lib
 from pipeline import storage
@@ -67,6 +70,14 @@ def read_splits(path, data_dir, val_fraction):
     CorpusError: one line, if the dataset is not prepared there (naming the
       command that prepares it) or is not a text corpus.
   """
+  tfds, name, builder = _open(path, data_dir)
+  texts = [_read_split(tfds, builder, s) for s in ('train', 'validation')]
+  _check_split(name, builder, len(texts[0]), len(texts[1]), val_fraction)
+  return texts[0], texts[1]
+
+
+def _open(path, data_dir):
+  """(tfds module, dataset name, read-only builder) of a prepared text corpus."""
   name = dataset_name(path)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   where = data_dir or 'the default TFDS data dir'
@@ -86,9 +97,7 @@ def read_splits(path, data_dir, val_fraction):
         f'train and validation splits; it has features '
         f'{sorted(builder.info.features.keys())} and splits '
         f'{sorted(builder.info.splits.keys())}. Use a char_corpus config.')
-  texts = [_read_split(tfds, builder, s) for s in ('train', 'validation')]
-  _check_split(name, builder, len(texts[0]), len(texts[1]), val_fraction)
-  return texts[0], texts[1]
+  return tfds, name, builder
 
 
 def _read_split(tfds, builder, split):
@@ -122,6 +131,121 @@ def _check_split(name, builder, n_train, n_val, val_fraction):
       val_fraction, len(want_val))
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamedSplit:
+  """One split of a prepared char_corpus dataset, read from its shards on demand.
+
+  `len()` is the split's length in characters, like the id array of a loaded
+  corpus; `chars(start, stop)` is a tf.data pipeline of its ids in [start, stop).
+  """
+  name: str
+  files: tuple  # the split's tfrecord shards, in order
+  shard_examples: tuple  # examples per shard
+  chars_per_example: int  # every example but the split's last holds this many
+  num_chars: int
+  features: object  # the dataset's tfds FeaturesDict (decodes an example in-graph)
+  codepoints: tuple  # the vocabulary: id i is chr(codepoints[i])
+
+  def __len__(self):
+    return self.num_chars
+
+  def chars(self, start, stop):
+    """A dataset of int32 id vectors that together are the split's ids [start, stop).
+
+    Args:
+      start, stop: int64 scalars (tensors are fine: this runs inside
+        tf.data functions), 0 <= start < stop <= len(self).
+
+    Only the shards holding [start, stop) are opened, and only from the one
+    holding `start`: whole shards before it are never read; inside that shard
+    tf.data skips the earlier records without decoding them.
+    """
+    n = self.chars_per_example
+    start, stop = tf.cast(start, tf.int64), tf.cast(stop, tf.int64)
+    first, last = start // n, (stop - 1) // n + 1  # examples [first, last)
+    ends = tf.constant(np.cumsum(self.shard_examples), tf.int64)
+    shard = tf.searchsorted(ends, first[None], side='right')[0]
+    skip = first - tf.concat([[0], ends], 0)[shard]
+    records = tf.data.TFRecordDataset(tf.constant(self.files)[shard:],
+                                      buffer_size=1 << 16)
+    records = records.skip(skip).take(last - first)
+    name = self.name
+    lut = np.full(self.codepoints[-1] + 2, -1, np.int32)  # last entry: past the table
+    lut[list(self.codepoints)] = np.arange(len(self.codepoints), dtype=np.int32)
+    table = tf.constant(lut)
+
+    def ids(i, record):
+      example = self.features.deserialize_example(record)
+      index = first + i
+      check = tf.debugging.assert_equal(
+          example['index'], index,
+          message=f'{name}: examples out of order; prepare the dataset again')
+      with tf.control_dependencies([check]):
+        cps = tf.strings.unicode_decode(example['text'], 'UTF-8')
+      got = tf.gather(table, tf.minimum(cps, tf.size(table) - 1))
+      lo = tf.maximum(start - index * n, 0)
+      hi = tf.minimum(stop - index * n, tf.cast(tf.size(got), tf.int64))
+      return got[lo:hi]
+
+    return records.enumerate().map(ids)
+
+
+def open_streaming(path, data_dir, val_fraction, vocab=None, max_vocab=None):
+  """Opens a prepared corpus for streaming: (vocab, train StreamedSplit, validation StreamedSplit).
+
+  Nothing of the text is read here: the vocabulary and the split lengths come
+  from the dataset's metadata, written by `prepare`.
+
+  Args:
+    path, data_dir: as for read_splits.
+    val_fraction: must be the fraction the dataset was prepared with (a
+      streamed corpus cannot be re-split).
+    vocab: the run's Vocab on resume; it must be the dataset's.
+    max_vocab: data.max_vocab.
+
+  Raises:
+    CorpusError: one line, naming the fix.
+  """
+  _, name, builder = _open(path, data_dir)
+  meta = builder.info.metadata or {}
+  if 'vocab' not in meta or 'num_chars' not in meta:
+    raise corpus_lib.CorpusError(
+        f'TFDS dataset {name!r} ({builder.data_dir}) was prepared without the vocabulary '
+        'metadata that streaming needs. Prepare it again with '
+        f'`{_prepare_command(name, data_dir)} --overwrite`, or drop '
+        '--config.data.tfds_streaming to load the text.')
+  prepared = meta.get('val_fraction')
+  if prepared is not None and abs(prepared - val_fraction) > 1e-12:
+    raise corpus_lib.CorpusError(
+        f'TFDS dataset {name!r} was split with val_fraction={prepared}; a streamed corpus '
+        f'keeps its prepared splits. Use --config.data.val_fraction={prepared}, or drop '
+        '--config.data.tfds_streaming to re-split the loaded text.')
+  dataset_vocab = corpus_lib.Vocab(tuple(chr(c) for c in meta['vocab']))
+  if max_vocab is not None and dataset_vocab.size > max_vocab:
+    raise corpus_lib.CorpusError(
+        f'TFDS dataset {name!r} has {dataset_vocab.size} distinct characters, more than '
+        f'data.max_vocab={max_vocab}. Raise it with '
+        f'--config.data.max_vocab={dataset_vocab.size}.')
+  if vocab is not None and vocab.chars != dataset_vocab.chars:
+    raise corpus_lib.CorpusError(
+        f'The run was started with a {vocab.size}-character vocabulary; TFDS dataset '
+        f'{name!r} has {dataset_vocab.size} different ones. Resume on the same dataset, '
+        'or start a new --workdir.')
+  splits = []
+  for split in ('train', 'validation'):
+    info = builder.info.splits[split]
+    files = tuple(os.fspath(f) for f in info.filepaths)
+    splits.append(StreamedSplit(
+        name=f'{name} {split}', files=files, shard_examples=tuple(info.shard_lengths),
+        chars_per_example=int(meta['chars_per_example']),
+        num_chars=int(meta['num_chars'][split]), features=builder.info.features,
+        codepoints=tuple(int(c) for c in meta['vocab'])))
+  logging.info('Streaming TFDS dataset %s from %d + %d shards (%d + %d chars); the text '
+               'is not loaded.', name, len(splits[0].files), len(splits[1].files),
+               splits[0].num_chars, splits[1].num_chars)
+  return dataset_vocab, splits[0], splits[1]
+
+
 def _builder_module():
   """Imports data/char_corpus once (importing it registers the builder with TFDS).
 
@@ -145,7 +269,7 @@ def _builder_module():
   return sys.modules[mod_name]
 
 
-def prepare(dataset, data_dir, manual_dir=None, overwrite=False):
+def prepare(dataset, data_dir, manual_dir=None, overwrite=False, num_shards=None):
   """Builds `char_corpus/CONFIG[:VERSION]` into data_dir, offline; returns its directory.
 
   Args:
@@ -154,6 +278,8 @@ def prepare(dataset, data_dir, manual_dir=None, overwrite=False):
     manual_dir: the `custom` config's text: a file or a directory of UTF-8 files.
     overwrite: regenerate even if the dataset is already prepared there (a
       prepared dataset is otherwise reused as it is).
+    num_shards: files per split (None: TFDS picks, about one per 1 GiB); more
+      shards let a streaming run start reading nearer to where it resumes.
   """
   name = dataset_name(dataset)
   if name.split('/')[0] != BUILDER:
@@ -180,6 +306,15 @@ def prepare(dataset, data_dir, manual_dir=None, overwrite=False):
         'directory of them).')
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir or None, download_mode=mode, try_download_gcs=False))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir or None, download_mode=mode, try_download_gcs=False,
+        num_shards=num_shards))
+  except AssertionError as e:  # TFDS: 'num_examples (1) < number_of_shards (3)'
+    if 'number_of_shards' not in str(e):
+      raise
+    raise corpus_lib.CorpusError(
+        f'Cannot cut {name} into {num_shards} shards per split: {e}. Each split has one '
+        f'example per {builder.builder_config.chars_per_example} characters; lower '
+        '--num_shards.') from None
   return os.fspath(builder.data_dir)

@@ -73,11 +73,17 @@ def _resolve_config(config, workdir, write):
 def _load_corpus(config, workdir, write):
   vocab_path = storage.join(workdir, corpus_lib.VOCAB_FILE)
   vocab = corpus_lib.Vocab.load(vocab_path) if storage.exists(vocab_path) else None
-  corpus = corpus_lib.load(config.data.corpus, config.data.val_fraction,
-                           config.data.seq_length, vocab=vocab,
-                           tfds_data_dir=config.data.tfds_data_dir,
-                           decode_errors=config.data.decode_errors,
-                           max_vocab=config.data.max_vocab)
+  if config.data.tfds_streaming:  # shards read while training; the text is never loaded
+    from pipeline import tfds_source  # pylint: disable=g-import-not-at-top
+    corpus = corpus_lib.Corpus(*tfds_source.open_streaming(
+        config.data.corpus, config.data.tfds_data_dir, config.data.val_fraction,
+        vocab=vocab, max_vocab=config.data.max_vocab))
+  else:
+    corpus = corpus_lib.load(config.data.corpus, config.data.val_fraction,
+                             config.data.seq_length, vocab=vocab,
+                             tfds_data_dir=config.data.tfds_data_dir,
+                             decode_errors=config.data.decode_errors,
+                             max_vocab=config.data.max_vocab)
   if vocab is None and write:
     # Other workers build the same vocabulary from the same text themselves.
     corpus.vocab.save(vocab_path)

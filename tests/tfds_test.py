@@ -154,3 +154,99 @@ def test_missing_dataset_is_one_line_error(tmp_path):
   assert "TFDS dataset 'char_corpus/tinyshakespeare' is not prepared in" in lines[0]
   assert ('python -m launch.prepare --dataset=char_corpus/tinyshakespeare '
           f'--data_dir={tmp_path / "empty"}') in lines[0]
+
+
+# data.tfds_streaming: shards read while training, the text never loaded.
+
+TFDS_SMALL = 'tfds:char_corpus/tinyshakespeare_4k'
+
+
+@pytest.fixture(scope='module')
+def sharded(tmp_path_factory):
+  """tinyshakespeare in 4,096-char examples and 3 shards per split, so each
+  stream of a batch crosses example and shard ends."""
+  data_dir = tmp_path_factory.mktemp('tfds_sharded')
+  module = tfds_source._builder_module()  # pylint: disable=protected-access
+  config = module.CharCorpusConfig(name='tinyshakespeare_4k', source='tinyshakespeare.txt.gz',
+                                   chars_per_example=4096)
+  builder = module.CharCorpus(config=config, data_dir=str(data_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      try_download_gcs=False, num_shards=3))
+  return str(data_dir)
+
+
+def test_streaming_reads_metadata_not_text(sharded):
+  vocab, train, val = tfds_source.open_streaming(TFDS_SMALL, sharded, 0.05)
+  loaded = corpus_lib.load(SHAKESPEARE, 0.05, 100)
+  assert vocab == loaded.vocab
+  assert (len(train), len(val)) == (len(loaded.train), len(loaded.val))
+  assert len(train.files) == len(val.files) == 3
+  assert sum(train.shard_examples) == -(-len(loaded.train) // 4096)
+
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+@pytest.mark.parametrize('where', ['start', 'epoch_end', 'second_pipeline'])
+def test_streamed_batches_match_loaded(sharded, split, where):
+  from pipeline import data as data_lib  # pylint: disable=g-import-not-at-top
+  vocab, *streamed = tfds_source.open_streaming(TFDS_SMALL, sharded, 0.05)
+  loaded = corpus_lib.load(SHAKESPEARE, 0.05, 100)
+  source, ids = (streamed[0], loaded.train) if split == 'train' else (streamed[1], loaded.val)
+  layout = data_lib.make_layout(len(ids), 50, 8, 'stream')
+  start, ctx = {'start': (0, None),
+                # crosses into the next epoch, where every row starts again
+                'epoch_end': (layout.steps_per_epoch - 2, None),
+                # resumed mid-epoch, feeding only the second of two pipelines
+                'second_pipeline': (7, tf.distribute.InputContext(2, 1, 2))}[where]
+  kw = dict(seed=1, start_step=start, num_steps=start + 4, reset_prob=0.3)
+  want = list(data_lib.make_dataset(ids, vocab.size, layout, ctx, **kw).as_numpy_iterator())
+  got = list(data_lib.make_dataset(source, vocab.size, layout, ctx, **kw).as_numpy_iterator())
+  assert len(got) == len(want) == 4
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys()
+    for key in w:
+      np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+
+
+def _streaming_config(**data):
+  from configs import shakespeare  # pylint: disable=g-import-not-at-top
+  c = shakespeare.get_config('smoke')
+  c.data.mode = 'stream'
+  c.data.val_fraction = 0.05
+  c.train.num_steps = 20
+  c.train.eval_every = 20
+  c.train.checkpoint_every = 20
+  c.train.export = False
+  for k, v in data.items():
+    setattr(c.data, k, v)
+  return c
+
+
+def test_streamed_training_matches_loaded(sharded, tmp_path):
+  from pipeline import train  # pylint: disable=g-import-not-at-top
+  streamed = train.train_and_evaluate(
+      _streaming_config(corpus=TFDS_SMALL, tfds_data_dir=sharded, tfds_streaming=True),
+      str(tmp_path / 'streamed'))
+  loaded = train.train_and_evaluate(_streaming_config(), str(tmp_path / 'loaded'))
+  assert streamed['step'] == loaded['step'] == 20
+  assert streamed['weights_digest'] == loaded['weights_digest']
+  assert streamed['val_loss'] == loaded['val_loss']
+  assert corpus_lib.Vocab.load(str(tmp_path / 'streamed' / corpus_lib.VOCAB_FILE)) == \
+      corpus_lib.Vocab.load(str(tmp_path / 'loaded' / corpus_lib.VOCAB_FILE))
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--config.data.mode=shuffle'],
+     'data.tfds_streaming reads each row of the batch as one contiguous stream'),
+    (['--config.data.mode=stream', '--config.data.val_fraction=0.1'],
+     'was split with val_fraction=0.05; a streamed corpus keeps its prepared splits. '
+     'Use --config.data.val_fraction=0.05'),
+])
+def test_streaming_bad_config_is_one_line_error(sharded, tmp_path, flags, message):
+  proc = run(['-m', 'launch.train', '--config=configs/shakespeare.py:smoke',
+              f'--workdir={tmp_path / "run"}', f'--config.data.corpus={TFDS_SMALL}',
+              f'--config.data.tfds_data_dir={sharded}', '--config.data.tfds_streaming=true',
+              *flags], check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
+  assert not list((tmp_path / 'run').glob('checkpoints/*'))

@@ -6,14 +6,18 @@ Configs:
   custom           your own UTF-8 text files, from the TFDS manual dir
                    (`download_config.manual_dir`; `launch.prepare --manual_dir`).
 
-The text is read by `pipeline.corpus.read_text`, exactly as training reads a
-plain-text corpus: files in sorted path order (hidden ones skipped), joined
+The text is streamed by `pipeline.corpus.pieces` (never held whole, so a
+corpus may be larger than memory), exactly as training reads a plain-text
+corpus: files in sorted path order (hidden ones skipped), joined
 with '\n', strict UTF-8, NFC-normalised. Splits follow `pipeline.corpus.split`:
 `validation` is the contiguous tail `val_fraction` of the characters (default
 0.05, the default of `data.val_fraction`) and `train` is the rest. Each split
 is cut into consecutive examples of `chars_per_example` characters (the last
 one shorter), keyed by their index, with shuffling disabled, so reading a
 split in order and joining the `text` features gives back the split's text.
+The metadata records each split's `num_chars` and the `vocab` (sorted code
+points of the whole text), which a streaming run (`data.tfds_streaming`) uses
+instead of reading the text itself.
 
 `val_fraction` and `chars_per_example` are fields of the config. The named
 configs use the defaults; for another fraction pass your own config under a new
@@ -99,26 +103,62 @@ class CharCorpus(tfds.core.GeneratorBasedBuilder):
             normalization='NFC'),
     )
 
-  def _read_text(self, dl_manager):
+  def _source(self, dl_manager):
     cfg = self.builder_config
     if cfg.source is not None:
-      return corpus_lib.read_text(os.path.join(_DATA_DIR, cfg.source))
-    return corpus_lib.read_text(os.fspath(dl_manager.manual_dir))
+      return os.path.join(_DATA_DIR, cfg.source)
+    return os.fspath(dl_manager.manual_dir)
 
   def _split_generators(self, dl_manager):
+    # Two streaming passes instead of holding the text: this one counts the
+    # characters (to place the split) and collects the vocabulary; the
+    # generators read the text again, each keeping only its split.
     cfg = self.builder_config
     if cfg.chars_per_example < 1:
       raise ValueError(f'chars_per_example must be >= 1, got {cfg.chars_per_example}.')
-    text = self._read_text(dl_manager)
-    # str slices like the id arrays the text path splits: one id per character.
-    train, val = corpus_lib.split(text, cfg.val_fraction)
-    self.info.metadata['num_chars'] = {'train': len(train), 'validation': len(val)}
+    source = self._source(dl_manager)
+    total, seen = 0, set()
+    for _, piece in corpus_lib.pieces(source):
+      total += len(piece)
+      seen.update(piece)
+    if not total:
+      raise corpus_lib.CorpusError(
+          f'{source!r} is empty: the corpus needs some UTF-8 text.')
+    # The rule of pipeline.corpus.split, applied to positions.
+    n_train = len(corpus_lib.split(range(total), cfg.val_fraction)[0])
+    self.info.metadata['num_chars'] = {'train': n_train, 'validation': total - n_train}
+    # The vocabulary a plain-text run of the whole text would build (sorted
+    # characters, as code points for JSON), so a streaming run needs no pass
+    # over the text of its own.
+    self.info.metadata['vocab'] = sorted(ord(c) for c in seen)
     return {
-        'train': self._generate_examples(train),
-        'validation': self._generate_examples(val),
+        'train': self._generate_examples(source, 0, n_train),
+        'validation': self._generate_examples(source, n_train, total),
     }
 
-  def _generate_examples(self, text):
+  def _generate_examples(self, source, start, stop):
+    """Yields examples of chars_per_example characters of the text's [start, stop)."""
     n = self.builder_config.chars_per_example
-    for index, start in enumerate(range(0, len(text), n)):
-      yield index, {'index': index, 'text': text[start:start + n]}
+    pos, index, buf = 0, 0, []
+    buffered = 0
+    for _, piece in corpus_lib.pieces(source):
+      lo, hi = max(start - pos, 0), min(stop - pos, len(piece))
+      pos += len(piece)
+      if lo >= hi:
+        if pos >= stop:
+          break
+        continue
+      buf.append(piece[lo:hi])
+      buffered += hi - lo
+      if buffered >= n:
+        text = ''.join(buf)
+        cut = len(text) - len(text) % n
+        for k in range(0, cut, n):
+          yield index, {'index': index, 'text': text[k:k + n]}
+          index += 1
+        buf, buffered = [text[cut:]], len(text) - cut
+      if pos >= stop:
+        break
+    text = ''.join(buf)
+    if text:
+      yield index, {'index': index, 'text': text}
