@@ -24,7 +24,7 @@ _DATA_DIR = flags.DEFINE_string(
     'data_dir', '', "TFDS data dir to write, local or gs://; '' = TFDS default "
     '($TFDS_DATA_DIR or ~/tensorflow_datasets).')
 _MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', None, 'custom config: a UTF-8 text file or a directory of them.')
+    'manual_dir', None, 'custom config: a directory of UTF-8 text files (sub-directories too).')
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Regenerate even if the dataset is already prepared in --data_dir.')
 _NUM_SHARDS = flags.DEFINE_integer(

@@ -135,6 +135,7 @@ _TINY_BYTES = 200_000  # the run that measures the fixed TensorFlow overhead
 _VAL_BYTES = 20_000  # every run holds out this much, so evaluation costs the same
 _MEMORY_STEPS = 6
 _RESULT = 'CHARLSTM_MEMORY '
+_STREAMED = 'tfds:char_corpus/bench_memory'  # the streamed run's TFDS config
 
 
 def write_text_corpus(path, num_bytes, seed=0):
@@ -171,9 +172,16 @@ def memory_child(config_json, corpus, num_bytes, mode):
 
   mode 'load' times corpus.load alone; mode 'train' runs train_and_evaluate
   for a few steps (load, pipeline, model, train loops, one evaluation).
+  'prepare' builds the text at `corpus` into a char_corpus TFDS dataset next
+  to it, and 'train_streamed' trains on that with data.tfds_streaming.
   """
   import json  # pylint: disable=g-import-not-at-top
   c = config_lib.from_dict(json.loads(config_json))
+  text_path = corpus
+  if mode in ('prepare', 'train_streamed'):
+    config_lib.override(c, **{'data.corpus': _STREAMED, 'data.tfds_data_dir': corpus + '.tfds',
+                              'data.tfds_streaming': True, 'data.mode': 'stream'})
+    corpus = _STREAMED
   config_lib.override(c, **{
       'data.corpus': corpus, 'data.val_fraction': _VAL_BYTES / num_bytes,
       'train.num_steps': _MEMORY_STEPS, 'train.steps_per_loop': _MEMORY_STEPS // 2,
@@ -184,6 +192,22 @@ def memory_child(config_json, corpus, num_bytes, mode):
   if mode == 'load':
     corpus_lib.load(corpus, c.data.val_fraction, c.data.seq_length,
                     decode_errors=c.data.decode_errors, max_vocab=c.data.max_vocab)
+  elif mode == 'prepare':
+    from pipeline import tfds_source  # pylint: disable=g-import-not-at-top
+    module = tfds_source._builder_module()  # pylint: disable=protected-access
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = module.CharCorpus(
+        config=module.CharCorpusConfig(name=_STREAMED.split('/')[1],
+                                       val_fraction=c.data.val_fraction),
+        data_dir=c.data.tfds_data_dir)
+    manual = text_path + '.manual'  # TFDS reads a directory
+    tf.io.gfile.makedirs(manual)
+    tf.io.gfile.rename(text_path, f'{manual}/corpus.txt', overwrite=True)
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=manual, try_download_gcs=False))
+    finally:
+      tf.io.gfile.rename(f'{manual}/corpus.txt', text_path)
   else:
     with tempfile.TemporaryDirectory() as workdir:
       train_lib.train_and_evaluate(c, workdir)
@@ -220,7 +244,9 @@ def memory(config, sizes_mb=MEMORY_SIZES_MB, repeats=3):
   with the config's model and batch). The fixed overhead is the same run on a
   200 kB corpus. The largest size is also trained with
   runtime.deterministic=False, which skips tf.data's make_deterministic
-  rewrite and the copy of the ids it makes. The peak of a train run varies by
+  rewrite and the copy of the ids it makes, and prepared as a TFDS dataset
+  (its 'load' columns are then `prepare`) and trained with
+  data.tfds_streaming, which never holds the text. The peak of a train run varies by
   up to 50 MB from run to run (TensorFlow's threads and allocators only add),
   so each run is repeated and the lowest peak is reported, with the spread.
 
@@ -230,7 +256,9 @@ def memory(config, sizes_mb=MEMORY_SIZES_MB, repeats=3):
   c = config_lib.finalize(config)
   runs = [('fixed', _TINY_BYTES, True)] + [(f'{mb:g} MB', int(mb * 1e6), True)
                                             for mb in sizes_mb]
-  runs.append((f'{max(sizes_mb):g} MB, deterministic=False', int(max(sizes_mb) * 1e6), False))
+  biggest = int(max(sizes_mb) * 1e6)
+  runs.append((f'{max(sizes_mb):g} MB, deterministic=False', biggest, False))
+  runs.append((f'{max(sizes_mb):g} MB, TFDS streamed', biggest, True))
   rows, fixed = [], {}
   with tempfile.TemporaryDirectory(prefix='charlstm-memory-') as tmp:
     for label, num_bytes, deterministic in runs:
@@ -240,9 +268,11 @@ def memory(config, sizes_mb=MEMORY_SIZES_MB, repeats=3):
       run_config = config_lib.override(config_lib.from_dict(config_lib.to_json(c)),
                                        **{'runtime.deterministic': deterministic})
       row = {'run': label, 'corpus_bytes': num_bytes}
+      streamed = label.endswith('streamed')
       for mode in ('load', 'train'):
-        results = [_run_memory_child(run_config, path, num_bytes, mode)
-                   for _ in range(repeats)]
+        child_mode = {'load': 'prepare', 'train': 'train_streamed'}[mode] if streamed else mode
+        results = [_run_memory_child(run_config, path, num_bytes, child_mode)
+                   for _ in range(1 if child_mode == 'prepare' else repeats)]
         peaks = sorted(r['peak'] for r in results)
         peak = float(peaks[0])
         row[f'{mode}_seconds'] = float(np.median([r['seconds'] for r in results]))

@@ -275,7 +275,7 @@ def prepare(dataset, data_dir, manual_dir=None, overwrite=False, num_shards=None
   Args:
     dataset: e.g. 'char_corpus/tinyshakespeare' (a `tfds:` prefix is allowed).
     data_dir: TFDS data dir, local or gs://; '' or None is TFDS's default.
-    manual_dir: the `custom` config's text: a file or a directory of UTF-8 files.
+    manual_dir: the `custom` config's text: a directory of UTF-8 files.
     overwrite: regenerate even if the dataset is already prepared there (a
       prepared dataset is otherwise reused as it is).
     num_shards: files per split (None: TFDS picks, about one per 1 GiB); more
@@ -288,6 +288,11 @@ def prepare(dataset, data_dir, manual_dir=None, overwrite=False, num_shards=None
         f'--dataset={BUILDER}/tinyshakespeare, {BUILDER}/quijote or {BUILDER}/custom.')
   if manual_dir and not storage.exists(manual_dir):
     raise corpus_lib.CorpusError(f'--manual_dir {manual_dir!r} does not exist.')
+  if manual_dir and not tf.io.gfile.isdir(manual_dir):
+    # TFDS lists the manual dir; it cannot be a file.
+    raise corpus_lib.CorpusError(
+        f'--manual_dir {manual_dir!r} is a file; TFDS reads a directory. Put the file in '
+        'a directory of its own and pass that.')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   module = _builder_module()
   configs = [c.name for c in module.CharCorpus.BUILDER_CONFIGS]
@@ -302,8 +307,8 @@ def prepare(dataset, data_dir, manual_dir=None, overwrite=False, num_shards=None
         f'Cannot prepare {name!r}: {" ".join(str(e).split())}') from None
   if builder.builder_config.source is None and not manual_dir:
     raise corpus_lib.CorpusError(
-        f'{name} reads your own text: pass --manual_dir=DIR (a UTF-8 file or a '
-        'directory of them).')
+        f'{name} reads your own text: pass --manual_dir=DIR (a directory of UTF-8 '
+        'text files).')
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   try:

@@ -250,3 +250,16 @@ def test_streaming_bad_config_is_one_line_error(sharded, tmp_path, flags, messag
   lines = error_lines(proc.stderr)
   assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
   assert not list((tmp_path / 'run').glob('checkpoints/*'))
+
+
+def test_prepare_bad_input_names_the_fix(tmp_path):
+  text = tmp_path / 'one.txt'
+  text.write_text('some text\n' * 100, encoding='utf-8')
+  with pytest.raises(corpus_lib.CorpusError, match='is a file; TFDS reads a directory'):
+    tfds_source.prepare('char_corpus/custom', str(tmp_path / 'tfds'), str(text))
+  with pytest.raises(corpus_lib.CorpusError,
+                     match=r'Cannot cut char_corpus/tinyshakespeare into 5 shards.*lower '
+                           r'--num_shards'):
+    tfds_source.prepare('char_corpus/tinyshakespeare', str(tmp_path / 'tfds'), num_shards=5)
+  # TFDS writes into an incomplete.* directory and drops it on failure.
+  assert not list((tmp_path / 'tfds' / 'char_corpus').glob('*/*1.0.0*'))

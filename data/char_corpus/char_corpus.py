@@ -53,7 +53,7 @@ class CharCorpusConfig(tfds.core.BuilderConfig):
 
   Attributes:
     source: file name of a corpus bundled in the repository's data/ directory;
-      None reads the manual dir instead (a file or a directory of files).
+      None reads the manual dir instead (a directory of text files).
     val_fraction: contiguous tail fraction of the characters that forms the
       validation split (pipeline.corpus.split's rule).
     chars_per_example: characters per example; the last one of a split is shorter.
