@@ -51,6 +51,7 @@ def base_config():
   c.model = ml_collections.ConfigDict()
   c.model.hidden_size = 256  # Units per LSTM layer.
   c.model.num_layers = 2  # Stacked LSTM layers.
+  c.model.dropout = 0.0  # Dropout on each LSTM layer's output while training (regularises bigger models).
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 2000  # Optimizer steps in the whole run (resume continues to this).
@@ -123,6 +124,7 @@ def validate(c):
   _check(d.max_vocab >= 2, f'data.max_vocab must be >= 2, got {d.max_vocab}.')
   _check(0.0 < d.val_fraction < 1.0,
          f'data.val_fraction must be in (0, 1), got {d.val_fraction}.')
+  _check(0.0 <= m.dropout < 1.0, f'model.dropout must be in [0, 1), got {m.dropout}.')
   _check(m.hidden_size >= 1 and m.num_layers >= 1,
          'model.hidden_size and model.num_layers must be >= 1.')
   _check(t.num_steps >= 1, f'train.num_steps must be >= 1, got {t.num_steps}.')

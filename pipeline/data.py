@@ -16,7 +16,8 @@ Each element is a dict:
   inputs  float32 (b, T, V) one-hot characters,
   targets int32   (b, T) next-character ids,
   rows    int32   (b,) global row ids (which slice of carried state to use),
-  reset   float32 (b,) 1 where the row starts from zero state.
+  reset   float32 (b,) 1 where the row starts from zero state,
+  step    int32   (b,) the global step (seeds dropout noise).
 
 Memory: only a batch is ever one-hot, and the ids are not copied to build the
 pipeline. `_ids_tensor` hands the numpy array to TensorFlow through DLPack,
@@ -191,6 +192,7 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
         'targets': window[:, 1:],
         'rows': tf.cast(rows, tf.int32),
         'reset': reset,
+        'step': tf.fill(tf.shape(rows), tf.cast(step, tf.int32)),
     }
 
   if num_steps is None:
@@ -264,6 +266,7 @@ def _streamed_dataset(source, vocab_size, layout, first_replica, local, per_repl
         'targets': window[:, 1:],
         'rows': tf.cast(rows, tf.int32),
         'reset': reset,
+        'step': tf.fill(tf.shape(rows), tf.cast(step, tf.int32)),
     }
 
   ds = ds.enumerate().map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

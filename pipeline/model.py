@@ -25,6 +25,7 @@ class Models:
   step: keras.Model
   lstms: list
   dense: keras.layers.Layer
+  dropout: float = 0.0  # > 0: the train model takes a 4th input, `noise` (see build)
 
   @property
   def variables(self):
@@ -41,20 +42,46 @@ class Models:
     return {v.path.replace('/', '.'): v.value for v in self.train.weights}
 
 
-def _apply(lstms, dense, x, h, c):
+class NoiseDropout(keras.layers.Layer):
+  """Dropout whose uniform noise is an input, so masks are a pure function of
+  what the train step feeds (seed, step, rows) and a resumed run draws the
+  masks an uninterrupted one would. Keras's Dropout draws from a stateful
+  SeedGenerator, which breaks exact resume. Identity when not training."""
+
+  def __init__(self, rate, **kwargs):
+    super().__init__(**kwargs)
+    self.rate = rate
+
+  def call(self, x, noise, training=None):
+    if not training:
+      return x
+    keep = keras.ops.cast(noise >= self.rate, x.dtype) / (1.0 - self.rate)
+    return x * keep
+
+
+def _apply(lstms, dense, x, h, c, dropouts=(), noise=None):
   hs, cs = [], []
   for i, lstm in enumerate(lstms):
     h_i = keras.ops.cast(h[:, i], lstm.compute_dtype)
     c_i = keras.ops.cast(c[:, i], lstm.compute_dtype)
     x, h_o, c_o = lstm(x, initial_state=[h_i, c_i])
+    if dropouts:  # on each layer's output, not inside the recurrence (keeps cuDNN)
+      x = dropouts[i](x, noise[:, i])
     # The carried state stays float32 whatever the compute precision.
     hs.append(keras.ops.cast(h_o, 'float32'))
     cs.append(keras.ops.cast(c_o, 'float32'))
   return dense(x), keras.ops.stack(hs, axis=1), keras.ops.stack(cs, axis=1)
 
 
-def build(vocab_size, hidden_size, num_layers, seq_length, precision='float32'):
-  """Builds the train and step models (call inside strategy.scope())."""
+def build(vocab_size, hidden_size, num_layers, seq_length, precision='float32', dropout=0.0):
+  """Builds the train and step models (call inside strategy.scope()).
+
+  dropout: rate applied to every LSTM layer's output sequence in training
+  (between layers and before the logits), as in Zaremba et al. 2014's
+  regularised LSTM. The train model then takes a 4th input, `noise`: uniform
+  [0, 1) noise of shape (B, layers, T, H) (`dropout_noise`); the step model
+  runs without dropout.
+  """
   policy = POLICIES[precision]
   lstms = [
       keras.layers.LSTM(hidden_size, return_sequences=True, return_state=True,
@@ -66,15 +93,37 @@ def build(vocab_size, hidden_size, num_layers, seq_length, precision='float32'):
   # Logits (and so the softmax and the loss) stay float32 under bfloat16.
   dense = keras.layers.Dense(vocab_size, dtype='float32', name='logits')
 
-  def functional(t, name):
+  dropouts = [NoiseDropout(dropout, name=f'dropout_{i}')
+              for i in range(num_layers)] if dropout > 0 else []
+
+  def functional(t, name, drop):
     x = keras.Input((t, vocab_size), name='inputs')
     h = keras.Input((num_layers, hidden_size), name='h')
     c = keras.Input((num_layers, hidden_size), name='c')
-    return keras.Model([x, h, c], list(_apply(lstms, dense, x, h, c)), name=name)
+    noise = [keras.Input((num_layers, t, hidden_size), name='noise')] if drop else []
+    outputs = _apply(lstms, dense, x, h, c, drop, noise[0] if noise else None)
+    return keras.Model([x, h, c] + noise, list(outputs), name=name)
 
-  train = functional(seq_length, 'charlstm_train')
-  step = functional(None, 'charlstm_step')
-  return Models(train=train, step=step, lstms=lstms, dense=dense)
+  train = functional(seq_length, 'charlstm_train', dropouts)
+  step = functional(None, 'charlstm_step', ())
+  return Models(train=train, step=step, lstms=lstms, dense=dense, dropout=dropout)
+
+
+def dropout_noise(models, batch, seed, training):
+  """The train model's `noise` input for a batch ([] without dropout).
+
+  Training: uniform noise drawn statelessly from (seed, step, first row), so
+  a resumed run repeats it. Evaluation: zeros (NoiseDropout ignores it).
+  """
+  if not models.dropout:
+    return []
+  shape = [tf.shape(batch['targets'])[0], len(models.lstms), batch['targets'].shape[1],
+           models.lstms[0].units]
+  if not training:
+    return [tf.zeros(shape)]
+  key = tf.random.experimental.stateless_fold_in(
+      tf.stack([tf.cast(seed, tf.int32), batch['step'][0]]), batch['rows'][0])
+  return [tf.random.stateless_uniform(shape, seed=key)]
 
 
 def zero_state(batch, num_layers, hidden_size):

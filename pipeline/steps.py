@@ -108,16 +108,16 @@ class Loops:
 
 
 def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
-          train_state, eval_state, step_var, mode='off'):
+          train_state, eval_state, step_var, mode='off', seed=0):
   """Builds the train and eval loop functions for `strategy`."""
   variables = models.train.trainable_variables
   num_layers = len(models.lstms)
   hidden = models.lstms[0].units
   scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
-  def forward_backward(inputs, targets, h, c):
+  def forward_backward(inputs, targets, h, c, noise):
     with tf.GradientTape() as tape:
-      logits, h2, c2 = models.train([inputs, h, c], training=True)
+      logits, h2, c2 = models.train([inputs, h, c] + noise, training=True)
       per_char = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
       # Scaled by the global batch: summing replicas' gradients gives the mean.
       loss = tf.nn.compute_average_loss(tf.reduce_mean(per_char, axis=1),
@@ -133,7 +133,8 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
       h, c = _carry_in(train_state, batch)
     else:
       h, c = model_lib.zero_state(tf.shape(batch['targets'])[0], num_layers, hidden)
-    grads, loss, h2, c2 = forward_backward(batch['inputs'], batch['targets'], h, c)
+    noise = model_lib.dropout_noise(models, batch, seed, training=True)
+    grads, loss, h2, c2 = forward_backward(batch['inputs'], batch['targets'], h, c, noise)
     grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
     if clip_norm > 0:
       # Norm clipping commutes with loss scaling: clip the scaled grads at scale * norm.
@@ -175,7 +176,8 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
       h, c = _carry_in(eval_state, batch)
     else:
       h, c = model_lib.zero_state(tf.shape(batch['targets'])[0], num_layers, hidden)
-    logits, h2, c2 = models.train([batch['inputs'], h, c], training=False)
+    noise = model_lib.dropout_noise(models, batch, seed, training=False)
+    logits, h2, c2 = models.train([batch['inputs'], h, c] + noise, training=False)
     if stream:
       _carry_out(eval_state, batch, (h2, c2))
     return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(

@@ -129,7 +129,8 @@ def train_and_evaluate(config, workdir, stop_at=None):
   keras.utils.set_random_seed(config.seed)
   num_layers, hidden = config.model.num_layers, config.model.hidden_size
   with strategy.scope():
-    models = model_lib.build(vocab.size, hidden, num_layers, t, config.runtime.precision)
+    models = model_lib.build(vocab.size, hidden, num_layers, t, config.runtime.precision,
+                             dropout=config.model.dropout)
     cudnn_ok, why_not = model_lib.cudnn_report(models)
     logging.info('LSTM %s the cuDNN kernel conditions%s.',
                  'meets' if cudnn_ok else 'does not meet',
@@ -171,7 +172,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
   loops = steps_lib.build(
       strategy, models, optimizer, global_batch=gb, stream=stream,
       clip_norm=cfg_t.grad_clip_norm, train_state=train_state, eval_state=eval_state,
-      step_var=step_var, mode=jit)
+      step_var=step_var, mode=jit, seed=config.seed)
 
   chars = tf.constant(list(vocab.chars))
   codepoints = tf.constant([ord(ch) for ch in vocab.chars], tf.int32)

@@ -57,10 +57,12 @@ def test_smoke_run_writes_every_artifact(smoke_run):
   assert not list(smoke_run.glob('*.tmp-*'))
 
 
-@pytest.mark.parametrize('mode', ['shuffle', 'stream'])
-def test_resume_is_bit_exact(tmp_path, mode):
+@pytest.mark.parametrize('mode, dropout', [('shuffle', 0.0), ('stream', 0.0), ('stream', 0.3)])
+def test_resume_is_bit_exact(tmp_path, mode, dropout):
+  # With dropout the masks must repeat too: 2 layers put it between them as well.
   kw = {'data.mode': mode, 'train.num_steps': 30, 'train.eval_every': 15,
-        'train.checkpoint_every': 100}
+        'train.checkpoint_every': 100, 'model.dropout': dropout,
+        'model.num_layers': 2 if dropout else 1}
   full = train.train_and_evaluate(smoke(**kw), str(tmp_path / 'full'))
   half = train.train_and_evaluate(smoke(**kw), str(tmp_path / 'split'), stop_at=13)
   assert half['step'] == 13
@@ -181,6 +183,25 @@ def test_xla_compiled_step_matches_the_plain_step(tmp_path):
   assert (plain['jit_mode'], xla['jit_mode']) == ('off', 'loop')  # the whole loop under XLA
   assert xla['train_loss'] == pytest.approx(plain['train_loss'], abs=1e-4)
   assert xla['val_loss'] == pytest.approx(plain['val_loss'], abs=1e-4)
+
+
+def test_dropout_regularises_training_only(tmp_path):
+  kw = {'train.num_steps': 20, 'train.steps_per_loop': 10, 'train.eval_every': 20}
+  plain = train.train_and_evaluate(smoke(**kw), str(tmp_path / 'plain'))
+  dropped = train.train_and_evaluate(smoke(**kw, **{'model.dropout': 0.5}), str(tmp_path / 'drop'))
+  # Same init and batches; half the units zeroed in training changes the steps.
+  assert dropped['train_loss'] != pytest.approx(plain['train_loss'], abs=1e-3)
+  assert dropped['val_loss'] < math.log(65) - 0.3
+  # Outside training the noise input is ignored: the train model then equals the
+  # step model (which export uses), and in training it does not.
+  from pipeline import model as model_lib  # pylint: disable=g-import-not-at-top
+  models = model_lib.build(65, 16, 2, 8, dropout=0.5)
+  x = tf.one_hot(tf.random.stateless_uniform([3, 8], [1, 2], maxval=65, dtype=tf.int32), 65)
+  h = c = tf.zeros([3, 2, 16])
+  noise = tf.random.stateless_uniform([3, 2, 8, 16], [3, 4])
+  want = models.step([x, h, c])[0]
+  np.testing.assert_allclose(models.train([x, h, c, noise], training=False)[0], want, atol=1e-6)
+  assert np.abs(models.train([x, h, c, noise], training=True)[0] - want).max() > 1e-3
 
 
 def test_bfloat16_precision_trains_close_to_float32(tmp_path):
