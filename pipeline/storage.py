@@ -490,11 +490,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_PATHS = ('pipeline', 'launch', 'configs', 'data', 'pyproject.toml', 'README.md')
 
 
-def build_code_package(out_dir, root=REPO_ROOT):
-  """Writes charlstm-<digest>.tar.gz of CODE_PATHS under `root`; returns its path.
+def code_files(root=REPO_ROOT):
+  """The files of CODE_PATHS under `root`, relative and sorted per path: what a remote machine needs.
 
-  The digest covers the files' names, contents and executable bits, so the
-  same code gives the same name and an unchanged tree is not uploaded twice.
+  Dot-names, __pycache__ and .pyc files are left out (see `_local_files`).
   """
   files = []
   for top in CODE_PATHS:
@@ -505,6 +504,16 @@ def build_code_package(out_dir, root=REPO_ROOT):
       files.append(top)
     else:
       raise StorageError(f'Cannot stage the code: {path} is missing.')
+  return files
+
+
+def build_code_package(out_dir, root=REPO_ROOT):
+  """Writes charlstm-<digest>.tar.gz of CODE_PATHS under `root`; returns its path.
+
+  The digest covers the files' names, contents and executable bits, so the
+  same code gives the same name and an unchanged tree is not uploaded twice.
+  """
+  files = code_files(root)
   digest = hashlib.sha256()
   for rel in files:
     full = os.path.join(root, rel)

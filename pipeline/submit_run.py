@@ -1,0 +1,192 @@
+"""The half of launch.submit that acts: check, stage, create, install, train, delete.
+
+`execute(plan)` carries out a `submit.Plan` in order. It checks gcloud and
+the credentials first, so a missing login is one line before anything is
+uploaded. Commands that target several hosts run at the same time, each
+output line prefixed with its host.
+"""
+
+import glob
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from pipeline import remote
+from pipeline import submit
+
+EXIT_PREEMPTED = 75  # launch.train saved a checkpoint and stopped; the same run resumes
+SSH_RETRIES = 5  # a VM that was just created may refuse ssh for a while (exit 255)
+SSH_RETRY_SECONDS = 20
+
+
+def preflight(spec):
+  """Fails with one line, before anything is staged, if gcloud or credentials are missing.
+
+  In order: gcloud on PATH, an active gcloud account (for the VMs),
+  application-default credentials (for the uploads), the bucket.
+  """
+  if not shutil.which('gcloud'):
+    raise submit.SubmitError(
+        'gcloud is not on PATH: install the Google Cloud CLI '
+        '(https://cloud.google.com/sdk/docs/install), or pass --dry_run to print the commands '
+        'without running them.')
+  account = subprocess.run(['gcloud', 'auth', 'list', '--filter=status:ACTIVE',
+                            '--format=value(account)'], capture_output=True, text=True,
+                           check=False).stdout.strip()
+  if not account:
+    raise submit.SubmitError(
+        'gcloud has no active account, so it cannot create or reach VMs: run `gcloud auth '
+        'login` (and `gcloud config set project PROJECT`, or pass --project).')
+  from pipeline import storage  # pylint: disable=g-import-not-at-top  # imports TensorFlow
+  if not os.environ.get('STORAGE_EMULATOR_HOST'):
+    storage.gcs_credentials(spec.bucket)  # the uploads use application-default credentials
+  storage.check_bucket(spec.bucket)
+
+
+def build_wheel(out_dir):
+  """Builds the charlstm wheel from a copy of this checkout's code; returns its path.
+
+  A copy, because an in-tree build writes build/ and *.egg-info into the
+  working tree. No build isolation: the local setuptools builds it offline.
+  """
+  from pipeline import storage  # pylint: disable=g-import-not-at-top
+  src = os.path.join(out_dir, 'src')
+  for rel in storage.code_files():
+    os.makedirs(os.path.dirname(os.path.join(src, rel)), exist_ok=True)
+    shutil.copy2(os.path.join(storage.REPO_ROOT, rel), os.path.join(src, rel))
+  proc = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps',
+                         '--no-build-isolation', '--no-index', '-w', out_dir, src],
+                        capture_output=True, text=True, check=False)
+  wheels = glob.glob(os.path.join(out_dir, '*.whl'))
+  if proc.returncode or len(wheels) != 1:
+    detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['no wheel written']
+    raise submit.SubmitError(
+        f'Building the wheel failed ({detail[0]}); it needs setuptools>=64 and wheel in this '
+        'python: `pip install "setuptools>=64" wheel`.')
+  return wheels[0]
+
+
+def stage(plan, out=print):
+  """Builds the wheel and config.py, uploads them and the corpus; returns the URLs written."""
+  from pipeline import storage  # pylint: disable=g-import-not-at-top
+  written = []
+  with tempfile.TemporaryDirectory(prefix='charlstm-submit-') as tmp:
+    wheel = build_wheel(tmp)
+    if os.path.basename(wheel) != plan.wheel_name:
+      raise submit.SubmitError(f'Built {os.path.basename(wheel)}, but planned {plan.wheel_name}.')
+    config_py = os.path.join(tmp, 'config.py')
+    with open(config_py, 'w', encoding='utf-8') as f:
+      f.write(remote.config_py(plan.config, plan.run_id))
+    for src, url in plan.uploads:
+      local = {'<wheel>': wheel, '<config.py>': config_py}.get(src, src)
+      storage.upload_file(local, url)
+      out(f'# uploaded {local} -> {url}')
+      written.append(url)
+  return written
+
+
+def _run(argv, out, retry_ssh=False, prefix=None):
+  """Runs one command; with a prefix its output is piped and each line prefixed. Returns the code."""
+  for attempt in range(SSH_RETRIES if retry_ssh else 1):
+    if prefix is None:
+      code = subprocess.run(argv, check=False).returncode
+    else:
+      with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors='replace') as proc:
+        for line in proc.stdout:
+          out(prefix + line.rstrip('\n'))
+      code = proc.returncode
+    if code != 255 or not retry_ssh or attempt == SSH_RETRIES - 1:
+      return code
+    out(f'# ssh failed (exit 255); the VM may still be booting: retry in {SSH_RETRY_SECONDS} s')
+    time.sleep(SSH_RETRY_SECONDS)
+  return code
+
+
+def _run_all(commands, hosts, out, retry_ssh=False):
+  """Runs `commands` (one per host) at the same time if there are several; returns their codes."""
+  for argv in commands:
+    out(f'$ {shlex.join(argv)}' + (' &' if len(commands) > 1 else ''))
+  if len(commands) == 1:
+    return [_run(commands[0], out, retry_ssh)]
+  codes = [None] * len(commands)
+
+  def one(i):
+    codes[i] = _run(commands[i], out, retry_ssh, prefix=f'[{hosts[i]}] ')
+
+  threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(commands))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return codes
+
+
+def _checked(commands, hosts, out, retry_ssh=False):
+  for argv, code in zip(commands, _run_all(commands, hosts, out, retry_ssh)):
+    if code:
+      raise submit.CommandFailed(f'`{shlex.join(argv[:6])} ...` failed with exit code {code} '
+                                 '(its output is above).')
+
+
+def _job_status(codes):
+  """One exit status for a job on several hosts: 0, 75 if one was preempted, else the failure."""
+  if all(c in (0, EXIT_PREEMPTED) for c in codes):
+    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
+  return next(c for c in codes if c not in (0, EXIT_PREEMPTED))
+
+
+def execute(plan, out=print):
+  """Checks, stages, creates, installs, trains (with restarts) and deletes; returns the exit status.
+
+  With --delete_after the VMs are deleted once the job has ended, also when
+  it failed (its log and checkpoints are in the bucket), but not when this
+  process is interrupted: the job then keeps running on the VM.
+  """
+  preflight(plan.spec)
+  out(f'# {plan.summary}')
+  stage(plan, out)
+  out(f'# staged in {plan.run_url}/')
+  hosts = plan.hosts  # labels the output when one command per host runs at the same time
+  vm_exists = not plan.create  # without --create the VMs were there before
+  try:
+    for argv in plan.create:
+      _checked([argv], hosts, out)
+    vm_exists = True
+    _checked(plan.setup, hosts, out, retry_ssh=True)
+    for line in submit.outputs(plan):
+      out(line)
+    for attempt in range(plan.spec.restarts + 1):
+      code = _job_status(_run_all(plan.train, hosts, out))
+      if code != EXIT_PREEMPTED or attempt == plan.spec.restarts:
+        break
+      out(f'# the job was preempted after saving a checkpoint: relaunch {attempt + 1}/'
+          f'{plan.spec.restarts}, resuming from {plan.workdir}/checkpoints')
+      for argv in plan.before_restart:
+        _checked([argv], hosts, out)
+  except KeyboardInterrupt:
+    out('# interrupted: the job keeps running on the VM. Follow it with: ' +
+        shlex.join(plan.follow))
+    for argv in plan.delete:
+      out(f'# not deleted; when the job is done: {shlex.join(argv)}')
+    return 130
+  except submit.CommandFailed:
+    if vm_exists:
+      _delete(plan, out)  # with --delete_after a failed install must not leave VMs running
+    raise
+  out(f'# the job ended with exit code {code}' +
+      (f'; resume it with the same command and --run_id={plan.run_id}'
+       if code == EXIT_PREEMPTED else ''))
+  _delete(plan, out)
+  return code
+
+
+def _delete(plan, out):
+  for argv in plan.delete:
+    out(f'$ {shlex.join(argv)}')
+    _run(argv, out)
