@@ -9,8 +9,8 @@ the staged wheel and config.py, and train.log. Every run shares the venv
   install_script  copy the wheel and config.py from the bucket, make the venv,
                   pip install the wheel with its TensorFlow extra
   train_script    start launch.train under nohup (it survives a lost ssh
-                  connection), stream its log, exit with its status, copy the
-                  log to the bucket
+                  connection) or follow the one already running, stream its
+                  log, exit with its status, copy the log to the bucket
 """
 
 import json
@@ -75,26 +75,37 @@ def tf_config_env(workers, index):
 
 
 def train_script(run_url, run_id, train_args, env, host):
-  """Runs launch.train in the run directory and streams train.log; exits with its status.
+  """Runs launch.train in the run directory, or follows it if it already runs there.
 
-  `env` values are quoted, except those built here as `$(...)` substitutions.
+  The job runs under nohup, so a dropped ssh connection does not stop it,
+  inside `sh -c '<train>; echo $? > train.exit'`, so its exit status
+  survives this shell. train.pid names the wrapper: a second submission of
+  the same run (a reconnect, or --restarts after ssh failed) follows the
+  running job instead of starting a second one in the same workdir. The
+  script streams train.log from where this attempt starts, exits with the
+  job's status (1 if it left none: killed, or the VM stopped) and copies
+  the log to the bucket. `env` values are quoted, except `$(...)` ones.
   """
-  log_url = f'{run_url}/logs/{host}.log'
+  train = shlex.join([f'{VENV}/bin/python', '-m', 'launch.train', *train_args])
   lines = ['set -u', f'cd {shlex.quote(run_dir(run_id))}']
   for name, value in env:
     lines.append(f'export {name}="{value}"' if value.startswith('$(') else
                  f'export {name}={shlex.quote(value)}')
   lines += [
+      f'TRAIN={shlex.quote(train)}',
       'touch train.log',
-      'start=$(($(wc -l < train.log) + 1))  # a relaunch shows only its own lines',
-      # nohup: a dropped ssh connection (SIGHUP) does not stop training.
-      'nohup ' + shlex.join([f'{VENV}/bin/python', '-m', 'launch.train', *train_args]) +
-      ' >> train.log 2>&1 < /dev/null &',
-      'pid=$!',
-      'tail -n "+$start" -f --pid="$pid" train.log',
-      'wait "$pid"',
-      'code=$?',
-      shlex.join(['gcloud', 'storage', 'cp', 'train.log', log_url]) + ' || true',
+      'start=$(($(wc -l < train.log) + 1))',
+      'if [ -s train.pid ] && grep -qs launch.train "/proc/$(cat train.pid)/cmdline"; then',
+      '  echo "charlstm: launch.train already runs here (pid $(cat train.pid)); following it"',
+      'else',
+      '  rm -f train.exit',
+      '  nohup sh -c "$TRAIN"\'; echo $? > train.exit\' >> train.log 2>&1 < /dev/null &',
+      '  echo $! > train.pid',
+      'fi',
+      'tail -n "+$start" -f --pid="$(cat train.pid)" train.log',
+      'code=$(cat train.exit 2>/dev/null || echo 1)',
+      shlex.join(['gcloud', 'storage', 'cp', 'train.log', f'{run_url}/logs/{host}.log']) +
+      ' || true',
       'exit "$code"',
   ]
   return '\n'.join(lines)

@@ -20,6 +20,7 @@ from pipeline import remote
 from pipeline import submit
 
 EXIT_PREEMPTED = 75  # launch.train saved a checkpoint and stopped; the same run resumes
+EXIT_SSH = 255  # ssh lost the VM: it may be booting, or stopped (a preempted spot VM)
 SSH_RETRIES = 5  # a VM that was just created may refuse ssh for a while (exit 255)
 SSH_RETRY_SECONDS = 20
 
@@ -101,7 +102,7 @@ def _run(argv, out, retry_ssh=False, prefix=None):
         for line in proc.stdout:
           out(prefix + line.rstrip('\n'))
       code = proc.returncode
-    if code != 255 or not retry_ssh or attempt == SSH_RETRIES - 1:
+    if code != EXIT_SSH or not retry_ssh or attempt == SSH_RETRIES - 1:
       return code
     out(f'# ssh failed (exit 255); the VM may still be booting: retry in {SSH_RETRY_SECONDS} s')
     time.sleep(SSH_RETRY_SECONDS)
@@ -135,18 +136,23 @@ def _checked(commands, hosts, out, retry_ssh=False):
 
 
 def _job_status(codes):
-  """One exit status for a job on several hosts: 0, 75 if one was preempted, else the failure."""
-  if all(c in (0, EXIT_PREEMPTED) for c in codes):
-    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
-  return next(c for c in codes if c not in (0, EXIT_PREEMPTED))
+  """One exit status for a job on several hosts: 0; the first real failure; else 255 or 75."""
+  bad = [c for c in codes if c != 0]
+  for c in bad:
+    if c not in (EXIT_PREEMPTED, EXIT_SSH):
+      return c
+  return EXIT_SSH if EXIT_SSH in bad else bad[0] if bad else 0
 
 
 def execute(plan, out=print):
   """Checks, stages, creates, installs, trains (with restarts) and deletes; returns the exit status.
 
-  With --delete_after the VMs are deleted once the job has ended, also when
-  it failed (its log and checkpoints are in the bucket), but not when this
-  process is interrupted: the job then keeps running on the VM.
+  --restarts=K relaunches the train step up to K times after exit 75 (the
+  job saved a checkpoint and stopped) or 255 (ssh lost the VM), first
+  starting stopped spot GPU VMs. With --delete_after the VMs are deleted
+  once the job has ended, also when it failed (its log and checkpoints are
+  in the bucket), but not when this process is interrupted: the job then
+  keeps running on the VM.
   """
   preflight(plan.spec)
   out(f'# {plan.summary}')
@@ -162,11 +168,14 @@ def execute(plan, out=print):
     for line in submit.outputs(plan):
       out(line)
     for attempt in range(plan.spec.restarts + 1):
-      code = _job_status(_run_all(plan.train, hosts, out))
-      if code != EXIT_PREEMPTED or attempt == plan.spec.restarts:
+      # A relaunch waits for ssh (a restarted VM boots) and follows the job if it still runs.
+      code = _job_status(_run_all(plan.train, hosts, out, retry_ssh=attempt > 0))
+      if code not in (EXIT_PREEMPTED, EXIT_SSH) or attempt == plan.spec.restarts:
         break
-      out(f'# the job was preempted after saving a checkpoint: relaunch {attempt + 1}/'
-          f'{plan.spec.restarts}, resuming from {plan.workdir}/checkpoints')
+      why = ('was preempted after saving a checkpoint' if code == EXIT_PREEMPTED else
+             'lost its ssh connection (exit 255; a spot VM may have been preempted)')
+      out(f'# the job {why}: relaunch {attempt + 1}/{plan.spec.restarts}; it resumes from '
+          f'{plan.workdir}/checkpoints, or is followed if it still runs')
       for argv in plan.before_restart:
         _checked([argv], hosts, out)
   except KeyboardInterrupt:
@@ -180,8 +189,8 @@ def execute(plan, out=print):
       _delete(plan, out)  # with --delete_after a failed install must not leave VMs running
     raise
   out(f'# the job ended with exit code {code}' +
-      (f'; resume it with the same command and --run_id={plan.run_id}'
-       if code == EXIT_PREEMPTED else ''))
+      (f'; resume it with the same command and --run_id={plan.run_id} (plus --create if '
+       'the VM is gone)' if code in (EXIT_PREEMPTED, EXIT_SSH) else ''))
   _delete(plan, out)
   return code
 

@@ -67,9 +67,10 @@ def _script(argv):
 
 
 def _train_argv(argv):
-  """The launch.train argv inside a train command's script (shell-parsed)."""
-  tokens = shlex.split('\n'.join(_script(argv)))
-  return tokens[tokens.index('nohup') + 1:tokens.index('>>')]
+  """The launch.train argv inside a train command's script: TRAIN='...', shell-parsed twice."""
+  [line] = [l for l in _script(argv) if l.startswith('TRAIN=')]
+  [assignment] = shlex.split(line)
+  return shlex.split(assignment[len('TRAIN='):])
 
 
 def _dry_run(flags, train_flags):
@@ -279,7 +280,7 @@ def _recording_gcloud(tmp_path):
   gcloud.write_text(f'#!{sys.executable}\n' + textwrap.dedent('''
       import json, os, sys
       args, log = sys.argv[1:], os.environ['FAKE_GCLOUD_LOG']
-      earlier = open(log).read().count('launch.train') if os.path.exists(log) else 0
+      earlier = sum('launch.train' in l for l in open(log)) if os.path.exists(log) else 0
       with open(log, 'a') as f:
         f.write(json.dumps(args) + '\\n')
       if args[:2] == ['auth', 'list']:
@@ -394,15 +395,42 @@ def test_submit_runs_what_the_dry_run_prints_and_the_staged_wheel_trains(gcs, tm
   assert saved['model']['hidden_size'] == 64  # the smoke preset, rebuilt from the staged config.py
 
 
-def test_restarts_relaunch_a_preempted_job_on_a_spot_vm(gcs, tmp_path):
+def test_restarts_relaunch_after_lost_ssh_and_preemption_on_a_spot_vm(gcs, tmp_path):
+  # The train step: ssh lost the VM (255), then the job saved and stopped (75), then done.
   proc = _submit(tmp_path, ['--target=gpu-vm', '--name=spot', '--zone=z', f'--bucket=gs://{BUCKET}',
                             '--spot', '--restarts=2', '--run_id=spot1'], SMOKE,
-                 env=dict(gcs.client_env(), FAKE_GCLOUD_TRAIN_CODES='75,0'))
+                 env=dict(gcs.client_env(), FAKE_GCLOUD_TRAIN_CODES='255,75,0'))
   assert proc.returncode == 0, proc.stdout + proc.stderr
   calls = [c[:3] if c[0] == 'compute' else c[:2] for c in _gcloud_calls(tmp_path)]
-  assert calls == [['auth', 'list'], ['compute', 'ssh', 'spot'], ['compute', 'ssh', 'spot'],
-                   ['compute', 'instances', 'start'], ['compute', 'ssh', 'spot']]
-  assert 'relaunch 1/2' in proc.stdout
+  ssh, start = ['compute', 'ssh', 'spot'], ['compute', 'instances', 'start']
+  assert calls == [['auth', 'list'], ssh, ssh, start, ssh, start, ssh]  # install, then train x3
+  assert _gcloud_calls(tmp_path)[3] == ['compute', 'instances', 'start', 'spot', '--zone=z']
+  lines = [l for l in proc.stdout.splitlines() if 'relaunch' in l]
+  assert [l.split(':')[0] for l in lines] == [
+      '# the job lost its ssh connection (exit 255; a spot VM may have been preempted)',
+      '# the job was preempted after saving a checkpoint']
+  assert proc.stdout.splitlines()[-1] == '# the job ended with exit code 0'
+
+
+def test_train_script_follows_a_job_that_already_runs(tmp_path):
+  """A second submission of a running job (reconnect, relaunch) follows it, never starts another."""
+  home = tmp_path / 'home'
+  run_dir = home / 'charlstm' / 'r1'
+  run_dir.mkdir(parents=True)
+  # The running "job": its command line names launch.train; it exits when its stdin closes.
+  job = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read(); '
+                          'open("train.exit", "w").write("0\\n")', 'launch.train'],
+                         cwd=run_dir, stdin=subprocess.PIPE)
+  (run_dir / 'train.pid').write_text(f'{job.pid}\n')
+  script = remote.train_script('gs://b/charlstm/r1', 'r1', ['--config=config.py'], [], 'h')
+  follower = subprocess.Popen(['sh', '-c', script], cwd=home, env=dict(CHILD_ENV, PATH=os.environ['PATH'],
+                              HOME=str(home)), stdout=subprocess.PIPE, text=True)
+  first = follower.stdout.readline()
+  assert first == f'charlstm: launch.train already runs here (pid {job.pid}); following it\n'
+  job.stdin.close()  # the job ends; the follower sees it and takes its exit status
+  job.wait(timeout=30)
+  assert follower.wait(timeout=30) == 0
+  assert (run_dir / 'train.pid').read_text() == f'{job.pid}\n'  # no second job was started
 
 
 # --- errors: one line, before anything is staged ----------------------------------------
@@ -505,19 +533,19 @@ def _plan(**kw):
 def test_real_gcloud_parses_the_planned_commands(tmp_path):
   """Every flag launch.submit uses, through the installed gcloud's own parser.
 
-  gcloud takes about a second of CPU a call, so this runs one command of each
-  kind that has more than a name and a zone; the plain deletes and the VM
-  side's `gcloud storage cp` were run by hand the same way.
+  gcloud takes about a second of CPU a call, so this runs the four commands
+  with more than a name and a zone: TPU create (--spot, a pod runtime), TPU
+  ssh (--worker, a multi-line --command), GCE create (--accelerator, spot)
+  and GCE ssh. The deletes, `instances start` and the VM side's
+  `gcloud storage cp` were run by hand the same way.
   """
   tpu = _plan(target='tpu-vm', name='t2', accelerator_type='v4-32')
   gpu = _plan(target='gpu-vm', name='g2', machine_type='n1-standard-8', gpu='nvidia-tesla-t4:2',
               num_workers=2)
-  commands = [tpu.create[0], tpu.setup[0], tpu.train[0], gpu.create[0], gpu.train[1],
-              gpu.before_restart[0]]
-  assert [c[1:4] for c in commands] == [
-      ['compute', 'tpus', 'tpu-vm'], ['compute', 'tpus', 'tpu-vm'], ['compute', 'tpus', 'tpu-vm'],
-      ['compute', 'instances', 'create'], ['compute', 'ssh', 'g2-1'],
-      ['compute', 'instances', 'start']]
+  commands = [tpu.create[0], tpu.train[0], gpu.create[0], gpu.train[1]]
+  assert [c[1:5] for c in commands] == [
+      ['compute', 'tpus', 'tpu-vm', 'create'], ['compute', 'tpus', 'tpu-vm', 'ssh'],
+      ['compute', 'instances', 'create', 'g2-0'], ['compute', 'ssh', 'g2-1', '--zone=us-central1-a']]
   env = dict(os.environ, CLOUDSDK_CONFIG=str(tmp_path), CLOUDSDK_CORE_DISABLE_PROMPTS='1',
              CLOUDSDK_CORE_CHECK_GCE_METADATA='false')
 
