@@ -36,9 +36,13 @@ def preflight(spec):
         'gcloud is not on PATH: install the Google Cloud CLI '
         '(https://cloud.google.com/sdk/docs/install), or pass --dry_run to print the commands '
         'without running them.')
-  account = subprocess.run(['gcloud', 'auth', 'list', '--filter=status:ACTIVE',
-                            '--format=value(account)'], capture_output=True, text=True,
-                           check=False).stdout.strip()
+  try:
+    account = subprocess.run(['gcloud', 'auth', 'list', '--filter=status:ACTIVE',
+                              '--format=value(account)'], capture_output=True, text=True,
+                             check=False, timeout=120).stdout.strip()
+  except subprocess.TimeoutExpired:
+    raise submit.SubmitError('`gcloud auth list` did not answer within 120 s; check that '
+                             '`gcloud auth list` works in this shell.') from None
   if not account:
     raise submit.SubmitError(
         'gcloud has no active account, so it cannot create or reach VMs: run `gcloud auth '
