@@ -362,8 +362,7 @@ def test_submit_runs_what_the_dry_run_prints_and_the_staged_wheel_trains(gcs, tm
   site = pathlib.Path(subprocess.run(
       [str(venv / 'bin' / 'python'), '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'],
       check=True, capture_output=True, text=True).stdout.strip())
-  from pipeline import storage as storage_lib  # pylint: disable=g-import-not-at-top
-  wanted = {p for p in storage_lib.code_files() if p.endswith(('.py', '.txt.gz'))}
+  wanted = {p for p in storage.code_files() if p.endswith(('.py', '.txt.gz'))}
   installed = {str(p.relative_to(site)) for p in site.rglob('*')
                if p.is_file() and p.suffix in ('.py', '.gz') and '__pycache__' not in p.parts
                and not p.parts[len(site.parts)].endswith('.dist-info')}
