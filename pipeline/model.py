@@ -55,8 +55,11 @@ class NoiseDropout(keras.layers.Layer):
   def call(self, x, noise, training=None):
     if not training:
       return x
+    # One mask per row and unit for the whole window (variational or "locked"
+    # dropout, Gal & Ghahramani 2016): as good a regulariser for LSTMs, and
+    # T times less noise to draw (per-element noise ran 3x slower under XLA).
     keep = keras.ops.cast(noise >= self.rate, x.dtype) / (1.0 - self.rate)
-    return x * keep
+    return x * keep[:, None, :]
 
 
 def _apply(lstms, dense, x, h, c, dropouts=(), noise=None):
@@ -78,9 +81,9 @@ def build(vocab_size, hidden_size, num_layers, seq_length, precision='float32', 
 
   dropout: rate applied to every LSTM layer's output sequence in training
   (between layers and before the logits), as in Zaremba et al. 2014's
-  regularised LSTM. The train model then takes a 4th input, `noise`: uniform
-  [0, 1) noise of shape (B, layers, T, H) (`dropout_noise`); the step model
-  runs without dropout.
+  regularised LSTM, with one mask per row and unit for the whole window. The
+  train model then takes a 4th input, `noise`: uniform [0, 1) noise of shape
+  (B, layers, H) (`dropout_noise`); the step model runs without dropout.
   """
   policy = POLICIES[precision]
   lstms = [
@@ -100,7 +103,7 @@ def build(vocab_size, hidden_size, num_layers, seq_length, precision='float32', 
     x = keras.Input((t, vocab_size), name='inputs')
     h = keras.Input((num_layers, hidden_size), name='h')
     c = keras.Input((num_layers, hidden_size), name='c')
-    noise = [keras.Input((num_layers, t, hidden_size), name='noise')] if drop else []
+    noise = [keras.Input((num_layers, hidden_size), name='noise')] if drop else []
     outputs = _apply(lstms, dense, x, h, c, drop, noise[0] if noise else None)
     return keras.Model([x, h, c] + noise, list(outputs), name=name)
 
@@ -117,8 +120,7 @@ def dropout_noise(models, batch, seed, training):
   """
   if not models.dropout:
     return []
-  shape = [tf.shape(batch['targets'])[0], len(models.lstms), batch['targets'].shape[1],
-           models.lstms[0].units]
+  shape = [tf.shape(batch['targets'])[0], len(models.lstms), models.lstms[0].units]
   if not training:
     return [tf.zeros(shape)]
   key = tf.random.experimental.stateless_fold_in(

@@ -198,7 +198,7 @@ def test_dropout_regularises_training_only(tmp_path):
   models = model_lib.build(65, 16, 2, 8, dropout=0.5)
   x = tf.one_hot(tf.random.stateless_uniform([3, 8], [1, 2], maxval=65, dtype=tf.int32), 65)
   h = c = tf.zeros([3, 2, 16])
-  noise = tf.random.stateless_uniform([3, 2, 8, 16], [3, 4])
+  noise = tf.random.stateless_uniform([3, 2, 16], [3, 4])
   want = models.step([x, h, c])[0]
   np.testing.assert_allclose(models.train([x, h, c, noise], training=False)[0], want, atol=1e-6)
   assert np.abs(models.train([x, h, c, noise], training=True)[0] - want).max() > 1e-3
