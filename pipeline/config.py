@@ -68,6 +68,7 @@ def base_config():
   c.train.sample_temperature = 0.8  # Temperature of those samples.
   c.train.sample_prompt = ''  # Prompt of those samples ('' starts from zero state).
   c.train.jit_compile = False  # XLA-compile the forward/backward step (TPU proxy on CPU).
+  c.train.fused_lstm = True  # CPU: the train step runs each LSTM layer as pipeline.fused_lstm (Keras's math, a 1.2-1.6x faster gradient); False: Keras's own loop.
   c.train.export = True  # Export a SavedModel to <workdir>/export when training ends.
 
   c.runtime = ml_collections.ConfigDict()

@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from pipeline import fused_lstm
 from pipeline import model as model_lib
 
 
@@ -108,15 +109,22 @@ class Loops:
 
 
 def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
-          train_state, eval_state, step_var, mode='off', seed=0):
-  """Builds the train and eval loop functions for `strategy`."""
+          train_state, eval_state, step_var, mode='off', seed=0, fused=True):
+  """Builds the train and eval loop functions for `strategy`.
+
+  fused: run the LSTM layers' recurrence in the train step as
+  pipeline.fused_lstm (same math, a faster gradient) on CPUs; GPUs keep
+  Keras's cuDNN kernel and TPUs Keras's loop.
+  """
   variables = models.train.trainable_variables
   num_layers = len(models.lstms)
   hidden = models.lstms[0].units
   scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+  fused = fused and not tf.config.list_logical_devices('GPU') and not isinstance(
+      strategy, tf.distribute.TPUStrategy)
 
   def forward_backward(inputs, targets, h, c, noise):
-    with tf.GradientTape() as tape:
+    with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused):
       logits, h2, c2 = models.train([inputs, h, c] + noise, training=True)
       per_char = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
       # Scaled by the global batch: summing replicas' gradients gives the mean.

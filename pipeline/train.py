@@ -172,7 +172,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
   loops = steps_lib.build(
       strategy, models, optimizer, global_batch=gb, stream=stream,
       clip_norm=cfg_t.grad_clip_norm, train_state=train_state, eval_state=eval_state,
-      step_var=step_var, mode=jit, seed=config.seed)
+      step_var=step_var, mode=jit, seed=config.seed, fused=cfg_t.fused_lstm)
 
   chars = tf.constant(list(vocab.chars))
   codepoints = tf.constant([ord(ch) for ch in vocab.chars], tf.int32)
