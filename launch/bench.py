@@ -1,12 +1,17 @@
-r"""Benchmarks against the seed post; prints same-process ratios.
+r"""Benchmarks: the speed table (default) or peak memory against corpus size.
 
-  python -m launch.bench --what=sampling --config=configs/seed_keras.py
-  python -m launch.bench --what=training --config=configs/seed_keras.py \
-      --config.data.batch_size=64
+  python -m launch.bench                      # training and sampling speed table, H=256 and 512
+  python -m launch.bench --hidden=256 --rounds=3 --json=/tmp/bench.json
   python -m launch.bench --what=memory --config=configs/shakespeare.py  # peak RSS vs corpus size
+
+The speed table measures every case in one process, interleaved round by round
+(the machine may be shared: only figures measured together compare); see
+pipeline/benchmark.py for the cases.
 """
 
-import tempfile
+import json
+import os
+import sys
 
 from absl import app
 from absl import flags
@@ -14,35 +19,65 @@ from ml_collections import config_flags
 
 from pipeline import errors
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/seed_keras.py',
-                                          'Config giving the model size and corpus.',
-                                          lock_config=True)
-_WHAT = flags.DEFINE_enum('what', 'sampling', ['sampling', 'training', 'memory'],
-                          'Which benchmark.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/shakespeare.py',
+    'Config giving the corpus and the train settings of case (a); the flags below '
+    'set the model size.', lock_config=True)
+_WHAT = flags.DEFINE_enum('what', 'speed', ['speed', 'memory'], 'Which benchmark.')
+_HIDDEN = flags.DEFINE_list('hidden', ['256', '512'], 'LSTM sizes H, one table each.')
+_LAYERS = flags.DEFINE_integer('layers', 1, 'LSTM layers (1: the seed post\'s model).')
+_BATCH = flags.DEFINE_integer('batch', 64, 'Batch size B of the batched cases.')
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 100, 'Window length T.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; each figure is over these.')
+_SECONDS = flags.DEFINE_float('seconds', 2.0, 'About how long one measurement of one case takes.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 _MEMORY_MB = flags.DEFINE_list('memory_mb', ['1', '10', '100'],
                                '--what=memory: generated corpus sizes in MB.')
+
+
+def _positive(name, value):
+  if value < 1:
+    raise app.UsageError(f'--{name} must be >= 1, got {value}')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from pipeline import benchmark  # pylint: disable=g-import-not-at-top
-  from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.from_flag(_CONFIG)
   if _WHAT.value == 'memory':
     try:
       sizes = [float(mb) for mb in _MEMORY_MB.value]
     except ValueError:
       raise app.UsageError(f'--memory_mb takes numbers, got {_MEMORY_MB.value}') from None
-    _print_memory(benchmark.memory(config, sizes))
-    return
-  if _WHAT.value == 'sampling':
-    result = benchmark.sampling(config)
   else:
-    with tempfile.TemporaryDirectory() as workdir:
-      result = benchmark.training(config, workdir)
-  for key, value in result.items():
-    print(f'{key:40s} {value:12.2f}')
+    try:
+      hidden = [int(h) for h in _HIDDEN.value]
+    except ValueError:
+      raise app.UsageError(f'--hidden takes whole numbers, got {_HIDDEN.value}') from None
+    if not hidden or min(hidden) < 1:
+      raise app.UsageError(f'--hidden takes sizes >= 1, got {_HIDDEN.value}')
+    for name, flag in (('layers', _LAYERS), ('batch', _BATCH), ('seq_len', _SEQ_LEN),
+                       ('rounds', _ROUNDS)):
+      _positive(name, flag.value)
+    if not _SECONDS.value > 0:
+      raise app.UsageError(f'--seconds must be > 0, got {_SECONDS.value}')
+  from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.from_flag(_CONFIG)
+  if _WHAT.value == 'memory':
+    from pipeline import memory_bench  # pylint: disable=g-import-not-at-top
+    _print_memory(memory_bench.memory(config, sizes))
+    return
+  from pipeline import benchmark  # pylint: disable=g-import-not-at-top
+  result = benchmark.speed(config, hidden, layers=_LAYERS.value, batch=_BATCH.value,
+                           seq_len=_SEQ_LEN.value, rounds=_ROUNDS.value,
+                           seconds=_SECONDS.value)
+  print(benchmark.format_table(result), flush=True)
+  if _JSON.value:
+    with open(_JSON.value, 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=1)
+  # Everything is written. Tearing down the cases' tf.data iterators waits for
+  # their autotuning threads (seconds to minutes each, measured), so skip it.
+  sys.stderr.flush()
+  os._exit(0)
 
 
 def _print_memory(rows):

@@ -1,288 +1,230 @@
-"""Benchmarks against the seed post, measured in one process and reported as ratios.
+"""The speed table of `python -m launch.bench`: charlstm against the ways a user would
+otherwise train and sample the same model, measured together in one process.
 
-The machines are shared and noisy, so absolute chars/s mean little across
-runs; each benchmark times the seed's way and ours back to back, on the same
-model size, and reports the ratio.
+The machine is shared and noisy, so only figures measured together mean
+anything: every case below runs once per round, the rounds are interleaved
+(a, b, c, ... then a, b, c, ... again, the starting case rotating), and each
+ratio is the median over rounds of that round's ratio.
 
-  sampling: the seed's `test()` (one `Model.predict` per character, numpy
-    sampling) vs the exported SavedModel's in-graph `generate`, for one text
-    and for a batch of texts.
-  training: the seed's `fit` on a generator of single windows (batch size 1)
-    vs this pipeline's custom distributed loop at the config's batch size.
+Per model size (LSTM layers x H units, batch B, windows of T chars, float32):
+  training, chars trained per second:
+    a  charlstm's train loop as the config sets it (pipeline.steps: steps_per_loop
+       steps per tf.function call, the fused LSTM gradient, XLA if train.jit_compile);
+    b  the same Keras model, tf.data pipeline, loss and optimizer (Adam, the same
+       schedule, global-norm clipping) through model.compile + model.fit;
+    c  the seed post's way: model.fit on a Python generator of one-hot numpy
+       windows, batch size 1, Adam, no clipping (the same layers and sizes);
+    d  variants of a: steps_per_loop=1; XLA toggled; Keras's own LSTM gradient.
+  input: chars/s the tf.data pipeline of a delivers on its own.
+  peak: GFLOP/s of a large float32 tf.matmul, this machine's practical peak.
+  sampling, chars generated per second:
+    e  the seed's sampler: one Model.predict per char, explicit (h, c), numpy sampling;
+    f  a Python loop over the exported SavedModel's `step` signature;
+    g  the SavedModel's in-graph `generate`, 1 prompt;
+    h  `generate` for 64 prompts at once, counting every sequence's chars.
 
-`memory` is not a comparison with the seed: it measures peak RSS against
-corpus size (loading, pipeline, a few train steps), each in a fresh process.
+Every case first runs untimed (tracing, XLA compilation, Keras's first-call
+set-up), then its work per measurement (steps, or chars) is fixed so that it
+takes about `seconds`; a-d use the same number of steps. Keras's fit is timed
+from the end of its first batch to the end of training (a callback), so its
+per-call set-up and the first batch's data fetch are not counted against it.
+The cases are built in pipeline/bench_cases.py.
 """
 
+import copy
+import gc
 import tempfile
-import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from pipeline import bench_cases as cases_lib
 from pipeline import config as config_lib
 from pipeline import corpus as corpus_lib
-from pipeline import export as export_lib
-from pipeline import model as model_lib
-from pipeline import train as train_lib
+from pipeline import distribute
+
+_LIVE = []  # every case's models and iterators, kept alive (see measure_size)
 
 
-def _seed_models(vocab_size, hidden):
-  """The post's model and pred_model, verbatim in Keras 3 spelling."""
-  inputs = keras.Input(shape=(None, vocab_size))
-  lstm = keras.layers.LSTM(hidden, return_sequences=True, return_state=True)
-  out, _, _ = lstm(inputs)
-  dense = keras.layers.Dense(vocab_size, activation='softmax')
-  model = keras.Model(inputs, dense(out))
-  h_in, c_in = keras.Input(shape=(hidden,)), keras.Input(shape=(hidden,))
-  out, h, c = lstm(inputs, initial_state=[h_in, c_in])
-  pred_model = keras.Model([inputs, h_in, c_in], [dense(out), h, c])
-  return model, pred_model
+def _calibrate(case, seconds, start, limit):
+  """Runs case untimed, then fixes its work per measurement to take about `seconds`."""
+  case.work = start
+  case.run(start)  # tracing, compilation, first-call set-up
+  took = case.run(start)
+  case.work = int(min(max(start * seconds / max(took, 1e-9), start), limit))
+  return took / start
 
 
-def sampling(config, seed_chars=40, our_chars=400, batch=32):
-  """Returns chars/s of the seed's sampler and of the exported generate, and ratios."""
-  c = config_lib.finalize(config)
-  vocab = corpus_lib.Vocab.from_text(corpus_lib.read_text(c.data.corpus))
-  v, hidden = vocab.size, c.model.hidden_size
-  _, pred_model = _seed_models(v, hidden)
-  rng = np.random.default_rng(0)
-
-  def seed_test(n):  # the post's test(), one predict per character
-    x = np.eye(v, dtype=np.float32)[[rng.integers(v)]][None]
-    h = np.zeros((1, hidden), np.float32)
-    cc = np.zeros((1, hidden), np.float32)
-    for _ in range(n):
-      prob, h, cc = pred_model.predict([x, h, cc], verbose=0)
-      p = prob[-1][0].astype(np.float64)
-      pred = rng.choice(v, p=p / p.sum())
-      x = np.eye(v, dtype=np.float32)[[pred]][None]
-
-  seed_test(2)  # warm-up: tracing is not what the post paid per character
-  t0 = time.perf_counter()
-  seed_test(seed_chars)
-  seed_cps = seed_chars / (time.perf_counter() - t0)
-
-  models = model_lib.build(v, hidden, c.model.num_layers, c.data.seq_length)
-  with tempfile.TemporaryDirectory() as d:
-    export_lib.export_models(models, vocab, d + '/export')
-    loaded = tf.saved_model.load(d + '/export')
-
-    def ours(prompts, n):
-      return loaded.generate(prompts=tf.constant(prompts), num_chars=tf.constant(n),
-                             temperature=tf.constant(0.8), top_k=tf.constant(0),
-                             seed=tf.constant(1, tf.int64))['text'].numpy()
-
-    ours([''], 2)
-    ours([''] * batch, 2)
-    t0 = time.perf_counter()
-    ours([''], our_chars)
-    one_cps = our_chars / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    ours([''] * batch, our_chars)
-    batch_cps = batch * our_chars / (time.perf_counter() - t0)
-  return {'seed_chars_per_sec': seed_cps, 'generate_chars_per_sec': one_cps,
-          f'generate_batch{batch}_chars_per_sec': batch_cps,
-          'ratio_generate_vs_seed': one_cps / seed_cps,
-          f'ratio_generate_batch{batch}_vs_seed': batch_cps / seed_cps}
+def _stats(rates):
+  return {'median': float(np.median(rates)), 'min': float(np.min(rates)),
+          'max': float(np.max(rates)), 'samples': [float(r) for r in rates]}
 
 
-def training(config, workdir, seed_steps=30, steps=40):
-  """Returns chars/s of the seed's batch-1 fit and of the pipeline's loop, and the ratio."""
-  c = config_lib.finalize(config)
-  text = corpus_lib.read_text(c.data.corpus)
-  vocab = corpus_lib.Vocab.from_text(text)
-  ids = vocab.encode(text)
-  v, t, hidden = vocab.size, c.data.seq_length, c.model.hidden_size
-  model, _ = _seed_models(v, hidden)
-  model.compile(loss='categorical_crossentropy',
-                optimizer=keras.optimizers.Adam(c.train.learning_rate))
-  eye = np.eye(v, dtype=np.float32)
-
-  def data_feed():  # the post's generator: consecutive windows, batch size 1
-    p = 0
-    while True:
-      window = ids[p:p + t + 1]
-      yield eye[window[:-1]][None], eye[window[1:]][None]
-      p = (p + t) % (len(ids) - t - 1)
-
-  model.fit(data_feed(), steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)  # warm-up
-  t0 = time.perf_counter()
-  model.fit(data_feed(), steps_per_epoch=seed_steps, epochs=1, verbose=0, shuffle=False)
-  seed_cps = seed_steps * t / (time.perf_counter() - t0)
-
-  # Ours: time only the loops after the first (tracing) one, as for the seed.
-  loop = max(steps // 4, 1)
-  config_lib.override(c, **{'train.num_steps': steps, 'train.steps_per_loop': loop,
-                            'train.log_every': steps - loop, 'train.eval_every': 10 ** 9,
-                            'train.checkpoint_every': 10 ** 9, 'train.export': False})
-  del steps
-  result = train_lib.train_and_evaluate(c, workdir)
-  ours = result['chars_per_sec']
-  logging.info('training: seed %.0f chars/s, pipeline %.0f chars/s', seed_cps, ours)
-  return {'seed_fit_batch1_chars_per_sec': seed_cps,
-          f'pipeline_batch{c.data.batch_size}_chars_per_sec': ours,
-          'ratio_pipeline_vs_seed': ours / seed_cps}
+def _ratio(num, den):
+  """Median over rounds of num's rate / den's rate in the same round."""
+  return float(np.median(np.array(num.rates) / np.array(den.rates)))
 
 
-# Memory: peak RSS of loading a corpus, building the pipeline and training a
-# few steps, in a fresh process per corpus size, against a tiny corpus.
+def measure_size(config, corpus, strategy, *, rounds, seconds, workdir, log=logging.info):
+  """All cases for the model size in `config`, interleaved for `rounds` rounds."""
+  s = cases_lib.Setup(config, corpus, strategy)
+  jit, spl, fused = bool(config.train.jit_compile), config.train.steps_per_loop, bool(
+      config.train.fused_lstm)
 
-MEMORY_SIZES_MB = (1, 10, 100)
-_TINY_BYTES = 200_000  # the run that measures the fixed TensorFlow overhead
-_VAL_BYTES = 20_000  # every run holds out this much, so evaluation costs the same
-_MEMORY_STEPS = 6
-_RESULT = 'CHARLSTM_MEMORY '
-_STREAMED = 'tfds:char_corpus/bench_memory'  # the streamed run's TFDS config
+  def charlstm(key, label, **changes):
+    kw = {'steps_per_loop': spl, 'jit': jit, 'fused': fused, **changes}
+    return cases_lib.charlstm_case(s, key, label, **kw)
 
-
-def write_text_corpus(path, num_bytes, seed=0):
-  """Writes `num_bytes` of ASCII text: random words over 74 symbols, fixed by `seed`."""
-  rng = np.random.default_rng(seed)
-  letters = list('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789')
-  words = [''.join(rng.choice(letters, size=int(rng.integers(1, 10)))) for _ in range(3000)]
-  gaps = [' '] * 6 + [', ', '. ', '; ', ': ', '! ', '? ', '-', '\n', "'", '(', ')']
-  written = 0
-  with open(path, 'w', encoding='ascii', newline='') as f:
-    while written < num_bytes:
-      w = rng.integers(len(words), size=20000)
-      g = rng.integers(len(gaps), size=20000)
-      text = ''.join(words[a] + gaps[b] for a, b in zip(w, g))[:num_bytes - written]
-      f.write(text)
-      written += len(text)
-
-
-def _peak_rss_bytes():
-  """This process's peak resident set size (VmHWM)."""
-  try:
-    with open('/proc/self/status', encoding='ascii') as f:
-      for line in f:
-        if line.startswith('VmHWM:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  import resource  # pylint: disable=g-import-not-at-top
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def memory_child(config_json, corpus, num_bytes, mode):
-  """Runs in a fresh process (see `memory`); prints one result line.
-
-  mode 'load' times corpus.load alone; mode 'train' runs train_and_evaluate
-  for a few steps (load, pipeline, model, train loops, one evaluation).
-  'prepare' builds the text at `corpus` into a char_corpus TFDS dataset next
-  to it, and 'train_streamed' trains on that with data.tfds_streaming.
-  """
-  import json  # pylint: disable=g-import-not-at-top
-  c = config_lib.from_dict(json.loads(config_json))
-  text_path = corpus
-  if mode in ('prepare', 'train_streamed'):
-    config_lib.override(c, **{'data.corpus': _STREAMED, 'data.tfds_data_dir': corpus + '.tfds',
-                              'data.tfds_streaming': True, 'data.mode': 'stream'})
-    corpus = _STREAMED
-  config_lib.override(c, **{
-      'data.corpus': corpus, 'data.val_fraction': _VAL_BYTES / num_bytes,
-      'train.num_steps': _MEMORY_STEPS, 'train.steps_per_loop': _MEMORY_STEPS // 2,
-      'train.log_every': _MEMORY_STEPS // 2, 'train.eval_every': 10 ** 9,
-      'train.checkpoint_every': 10 ** 9, 'train.export': False, 'train.sample_length': 10})
-  out = {'import_peak': _peak_rss_bytes()}
-  t0 = time.perf_counter()
-  if mode == 'load':
-    corpus_lib.load(corpus, c.data.val_fraction, c.data.seq_length,
-                    decode_errors=c.data.decode_errors, max_vocab=c.data.max_vocab)
-  elif mode == 'prepare':
-    from pipeline import tfds_source  # pylint: disable=g-import-not-at-top
-    module = tfds_source._builder_module()  # pylint: disable=protected-access
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    builder = module.CharCorpus(
-        config=module.CharCorpusConfig(name=_STREAMED.split('/')[1],
-                                       val_fraction=c.data.val_fraction),
-        data_dir=c.data.tfds_data_dir)
-    manual = text_path + '.manual'  # TFDS reads a directory
-    tf.io.gfile.makedirs(manual)
-    tf.io.gfile.rename(text_path, f'{manual}/corpus.txt', overwrite=True)
-    try:
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=manual, try_download_gcs=False))
-    finally:
-      tf.io.gfile.rename(f'{manual}/corpus.txt', text_path)
-  else:
-    with tempfile.TemporaryDirectory() as workdir:
-      train_lib.train_and_evaluate(c, workdir)
-  out['seconds'] = time.perf_counter() - t0
-  out['peak'] = _peak_rss_bytes()
-  print(_RESULT + json.dumps(out), flush=True)
+  a = charlstm('a', f'charlstm loop: steps_per_loop={spl}, XLA {"on" if jit else "off"}, '
+               f'{"fused" if fused else "Keras"} LSTM')
+  log('size H=%d: calibrating case a', s.hidden)
+  step_seconds = _calibrate(a, seconds, 1, 1000)
+  steps = a.work  # every batched training case runs this many steps per measurement
+  if a.xla_loop:
+    a.run(steps)
+  train_cases = [
+      a, cases_lib.fit_case(s), cases_lib.seed_fit_case(s),
+      charlstm('d1', 'a with steps_per_loop=1', steps_per_loop=1),
+      charlstm('d2', f'a with XLA {"off" if jit else "on"}', jit=not jit),
+      charlstm('d3', 'a with ' + ("Keras's LSTM loop (fused_lstm=False)" if fused
+                                  else 'fused_lstm=True'), fused=not fused),
+  ]
+  for case in train_cases[1:]:
+    log('size H=%d: warming up case %s', s.hidden, case.key)
+    if case.key == 'c':  # batch 1: its own step count, about as long as a's measurement
+      _calibrate(case, seconds, 2, 100000)
+    else:
+      case.work = steps
+      case.run(steps if getattr(case, 'xla_loop', False) else 1)
+  cases = train_cases + [cases_lib.input_case(s), cases_lib.peak_case()]
+  _calibrate(cases[-2], seconds, max(steps, 4), 10 ** 6)
+  _calibrate(cases[-1], seconds, 1, 1000)
+  cases += cases_lib.sampling_cases(s, a.models, workdir + f'/export-{s.hidden}')
+  for case in cases[-4:]:
+    log('size H=%d: warming up case %s', s.hidden, case.key)
+    _calibrate(case, seconds, 2 if case.key in 'ef' else 20, 10 ** 6)
+  # Tracing left much garbage; collect it now and freeze what survives, so a
+  # collection does not land inside some case's measurement.
+  gc.collect()
+  gc.freeze()
+  for r in range(rounds):
+    log('size H=%d: round %d of %d', s.hidden, r + 1, rounds)
+    for i in range(len(cases)):
+      cases[(i + r) % len(cases)].measure()
+  # Freeing a partly read tf.data iterator waits for its autotuning thread,
+  # measured at 7 s to minutes per iterator here; keep them for the process's
+  # life instead (launch.bench then exits without tearing them down).
+  _LIVE.extend(cases)
+  return _summarise(s, cases, steps, step_seconds)
 
 
-def _run_memory_child(config, corpus, num_bytes, mode):
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  code = ('import sys; from pipeline import benchmark; '
-          'benchmark.memory_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
-  proc = subprocess.run(
-      [sys.executable, '-c', code, json.dumps(config_lib.to_json(config)), corpus,
-       str(num_bytes), mode], capture_output=True, text=True, env=env, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith(_RESULT)]
-  if proc.returncode or not lines:
-    raise RuntimeError(f'memory benchmark child ({mode}, {num_bytes} bytes) exited '
-                       f'{proc.returncode}:\n{proc.stderr[-3000:]}')
-  return json.loads(lines[-1][len(_RESULT):])
+def _summarise(s, cases, steps, step_seconds):
+  """One size's rows: median/min/max rates, ratios to the baselines, GFLOP/s."""
+  by = {c.key: c for c in cases}
+  flops = cases_lib.flops_per_char(s.vocab, s.hidden, s.layers)
+  peak = by['peak']
+  rows = []
+  for c in cases:
+    row = {'key': c.key, 'label': c.label, 'section': c.section, 'work': c.work,
+           **_stats(c.rates)}
+    if c.section == 'train':
+      row['vs_b'] = _ratio(c, by['b'])
+      row['vs_c'] = _ratio(c, by['c'])
+      row['gflops'] = row['median'] * flops / 1e9
+      row['fraction_of_peak'] = float(np.median(np.array(c.rates) * flops / np.array(peak.rates)))
+    elif c.section == 'input':
+      row['vs_a'] = _ratio(c, by['a'])
+    elif c.section == 'sample':
+      row['vs_e'] = _ratio(c, by['e'])
+    else:
+      row.update({k: v / 1e9 for k, v in _stats(c.rates).items() if k != 'samples'})
+    rows.append(row)
+  return {'hidden': s.hidden, 'layers': s.layers, 'vocab': s.vocab, 'batch': s.b,
+          'seq_len': s.t, 'flops_per_char': flops, 'steps_per_measurement': steps,
+          'seconds_per_step_at_calibration': step_seconds,
+          'rows': rows}
 
 
-def memory(config, sizes_mb=MEMORY_SIZES_MB, repeats=3):
-  """Peak RSS per corpus size, minus the fixed overhead, as a ratio to the corpus bytes.
+TARGETS = (  # (name, row key, ratio field, minimum, hidden size it applies to or None)
+    ('(a) >= 1.1 x (b) model.fit', 'a', 'vs_b', 1.1, None),
+    ('(a) >= 10 x (c) seed fit', 'a', 'vs_c', 10.0, None),
+    ('input pipeline >= 10 x (a)', 'input', 'vs_a', 10.0, None),
+    ('(g) >= 500 x (e) seed predict', 'g', 'vs_e', 500.0, 256),  # issue 6: at H=256
+    ('(h) >= 3000 x (e) seed predict', 'h', 'vs_e', 3000.0, 256),
+)
 
-  Each corpus (generated text, `write_text_corpus`) runs in fresh processes:
-  'load' (corpus.load alone) and 'train' (train_and_evaluate for a few steps
-  with the config's model and batch). The fixed overhead is the same run on a
-  200 kB corpus. The largest size is also trained with
-  runtime.deterministic=False, which skips tf.data's make_deterministic
-  rewrite and the copy of the ids it makes, and prepared as a TFDS dataset
-  (its 'load' columns are then `prepare`) and trained with
-  data.tfds_streaming, which never holds the text. The peak of a train run varies by
-  up to 50 MB from run to run (TensorFlow's threads and allocators only add),
-  so each run is repeated and the lowest peak is reported, with the spread.
 
-  Returns:
-    A list of dicts, one per run.
-  """
-  c = config_lib.finalize(config)
-  runs = [('fixed', _TINY_BYTES, True)] + [(f'{mb:g} MB', int(mb * 1e6), True)
-                                            for mb in sizes_mb]
-  biggest = int(max(sizes_mb) * 1e6)
-  runs.append((f'{max(sizes_mb):g} MB, deterministic=False', biggest, False))
-  runs.append((f'{max(sizes_mb):g} MB, TFDS streamed', biggest, True))
-  rows, fixed = [], {}
-  with tempfile.TemporaryDirectory(prefix='charlstm-memory-') as tmp:
-    for label, num_bytes, deterministic in runs:
-      path = f'{tmp}/corpus-{num_bytes}.txt'
-      if not tf.io.gfile.exists(path):
-        write_text_corpus(path, num_bytes)
-      run_config = config_lib.override(config_lib.from_dict(config_lib.to_json(c)),
-                                       **{'runtime.deterministic': deterministic})
-      row = {'run': label, 'corpus_bytes': num_bytes}
-      streamed = label.endswith('streamed')
-      for mode in ('load', 'train'):
-        child_mode = {'load': 'prepare', 'train': 'train_streamed'}[mode] if streamed else mode
-        results = [_run_memory_child(run_config, path, num_bytes, child_mode)
-                   for _ in range(1 if child_mode == 'prepare' else repeats)]
-        peaks = sorted(r['peak'] for r in results)
-        peak = float(peaks[0])
-        row[f'{mode}_seconds'] = float(np.median([r['seconds'] for r in results]))
-        row[f'{mode}_peak'] = peak
-        row[f'{mode}_spread'] = peaks[-1] - peaks[0]
-        if label == 'fixed':
-          fixed[mode] = peak
-        row[f'{mode}_over_fixed'] = peak - fixed[mode]
-        row[f'{mode}_ratio'] = row[f'{mode}_over_fixed'] / num_bytes
-        logging.info('memory %s %s: peaks %s MB', label, mode,
-                     ', '.join(f'{x / 1e6:.1f}' for x in peaks))
-      rows.append(row)
-  return rows
+def speed(config, hidden_sizes=(256, 512), *, layers=1, batch=64, seq_len=100, rounds=5,
+          seconds=2.0, log=logging.info):
+  """Measures the speed table for each hidden size; returns a JSON-able dict."""
+  c = config_lib.finalize(copy.deepcopy(config))
+  if c.runtime.deterministic:
+    # As pipeline.train does; it applies to every case in the process alike.
+    tf.config.experimental.enable_op_determinism()
+  strategy = distribute.make_strategy(c.runtime)
+  if strategy.num_replicas_in_sync != 1:
+    raise config_lib.ConfigError('launch.bench measures one replica; use '
+                                 '--config.runtime.strategy=cpu or auto.')
+  corpus = corpus_lib.load(c.data.corpus, c.data.val_fraction, seq_len,
+                           decode_errors=c.data.decode_errors, max_vocab=c.data.max_vocab)
+  sizes = []
+  with tempfile.TemporaryDirectory(prefix='charlstm-bench-') as workdir:
+    for hidden in hidden_sizes:
+      size_config = config_lib.override(
+          config_lib.from_dict(config_lib.to_json(c)),
+          **{'model.hidden_size': hidden, 'model.num_layers': layers,
+             'data.batch_size': batch, 'data.seq_length': seq_len, 'data.mode': 'shuffle'})
+      sizes.append(measure_size(size_config, corpus, strategy, rounds=rounds,
+                                seconds=seconds, workdir=workdir, log=log))
+  targets = []
+  for size in sizes:
+    rows = {r['key']: r for r in size['rows']}
+    for name, key, field, minimum, only in TARGETS:
+      if only not in (None, size['hidden']):
+        continue
+      value = rows[key][field]
+      targets.append({'hidden': size['hidden'], 'target': name, 'value': value,
+                      'met': value >= minimum})
+  return {'config': config_lib.to_json(c), 'rounds': rounds, 'seconds': seconds,
+          'sizes': sizes, 'targets': targets}
+
+
+def format_table(result):
+  """The result of `speed` as the text table launch.bench prints."""
+  lines = []
+  for size in result['sizes']:
+    lines.append(f"{size['layers']} x LSTM({size['hidden']}), V={size['vocab']}, "
+                 f"B={size['batch']}, T={size['seq_len']}, float32; {result['rounds']} "
+                 f"interleaved rounds; {size['flops_per_char'] / 1e6:.2f} MFLOP per trained "
+                 'char (matmuls, forward + backward)')
+    lines.append(f"a, b, d: {size['steps_per_measurement']} steps per measurement (a: in one "
+                 'call); ratios: median over rounds of the ratio within a round')
+    lines.append(f"{'':54s} {'median':>10s} {'min':>10s} {'max':>10s} {'ratio':>12s} "
+                 f"{'GFLOP/s':>8s} {'of peak':>7s}")
+    section = None
+    for r in size['rows']:
+      if r['section'] != section:
+        section = r['section']
+        lines.append({'train': 'training, chars/s', 'input': 'input pipeline, chars/s',
+                      'peak': 'matmul peak, GFLOP/s',
+                      'sample': 'sampling, chars/s'}[section])
+      if section == 'train':
+        ratio = f"{r['vs_b']:5.2f}xb {r['vs_c']:5.1f}xc"
+        extra = f"{r['gflops']:8.1f} {100 * r['fraction_of_peak']:6.1f}%"
+      elif section == 'input':
+        ratio, extra = f"{r['vs_a']:10.1f}xa", ''
+      elif section == 'sample':
+        ratio, extra = f"{r['vs_e']:10.1f}xe", ''
+      else:
+        ratio, extra = '', ''
+      label = f"({r['key']}) {r['label']}" if section != 'peak' else r['label']
+      fmt = '10,.1f' if section == 'peak' else '10,.0f'
+      lines.append(f"  {label[:52]:52s} {r['median']:{fmt}} {r['min']:{fmt}} "
+                   f"{r['max']:{fmt}} {ratio:>12s} {extra}".rstrip())
+    lines.append('')
+  lines.append('targets')
+  for t in result['targets']:
+    lines.append(f"  H={t['hidden']:<4d} {t['target']:34s} {t['value']:10.2f}  "
+                 f"{'met' if t['met'] else 'NOT MET'}")
+  return '\n'.join(lines)

@@ -1,0 +1,270 @@
+"""The cases of the speed table (see pipeline.benchmark): each builds one way to
+train or sample the same model and returns a `Case` whose run(work) does
+`work` units (train steps, chars, matmuls) and returns the seconds taken.
+
+The baselines are written as their users would write them: Keras's compile
+and fit for (b), the seed post's code for (c) and (e). charlstm's cases use
+the library as pipeline.train and the exported SavedModel do.
+"""
+
+import dataclasses
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import data as data_lib
+from pipeline import distribute
+from pipeline import export as export_lib
+from pipeline import model as model_lib
+from pipeline import steps as steps_lib
+
+SAMPLE_PROMPTS = 64  # case h
+MATMUL_SIZE = 2048  # peak: (n x n) @ (n x n), big enough for oneDNN's best kernel
+
+
+def flops_per_char(vocab, hidden, layers):
+  """Matmul FLOPs (2 per multiply-add) to train on one char: forward + backward.
+
+  Per LSTM layer with input width D: forward x W_x and h W_h, 8H(D + H);
+  backward the weight gradients, 8H(D + H), dh W_h^T, 8H^2, and the input
+  gradient dz W_x^T, 8HD, except in the first layer (its inputs are data).
+  The Dense layer: 2HV forward, 4HV backward. Elementwise gate math, the
+  softmax and Adam are left out (under 2% of the total at H >= 128).
+  """
+  total, d = 0, vocab
+  for layer in range(layers):
+    total += 8 * hidden * (d + hidden) * 2 + 8 * hidden * hidden
+    if layer:
+      total += 8 * hidden * d
+    d = hidden
+  return total + 6 * hidden * vocab
+
+
+@dataclasses.dataclass
+class Case:
+  """One row of the table: `run(work)` does `work` units and returns the seconds it took."""
+  key: str
+  label: str
+  section: str  # 'train', 'input', 'peak' or 'sample'
+  run: object
+  chars_per_unit: float  # chars (FLOPs for 'peak') per unit of work
+  work: int = 1
+  rates: list = dataclasses.field(default_factory=list)
+
+  def measure(self):
+    self.rates.append(self.work * self.chars_per_unit / self.run(self.work))
+
+
+def _timed(fn):
+  """A run() that times fn(work) by the wall clock."""
+  def run(work):
+    t0 = time.perf_counter()
+    fn(work)
+    return time.perf_counter() - t0
+  return run
+
+
+class _FitClock(keras.callbacks.Callback):
+  """Times fit from the end of its first batch (the start of the second) to the end.
+
+  Uses on_train_batch_begin and on_train_end only: overriding
+  on_train_batch_end would stop Keras dispatching callbacks asynchronously,
+  changing what fit does.
+  """
+
+  def on_train_begin(self, logs=None):
+    self.start = None
+
+  def on_train_batch_begin(self, batch, logs=None):
+    if batch == 1:
+      self.start = time.perf_counter()
+
+  def on_train_end(self, logs=None):
+    self.seconds = time.perf_counter() - self.start
+
+
+def _fit_run(model, data):
+  """run(steps) for model.fit: steps + 1 batches, timed over the last `steps`."""
+  clock = _FitClock()
+
+  def run(steps):
+    model.fit(data, steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False,
+              callbacks=[clock])
+    return clock.seconds
+  return run
+
+
+class Setup:
+  """The config, corpus and strategy one model size's cases share."""
+
+  def __init__(self, config, corpus, strategy):
+    self.config, self.corpus, self.strategy = config, corpus, strategy
+    self.vocab = corpus.vocab.size
+    c = config
+    self.b, self.t = c.data.batch_size, c.data.seq_length
+    self.hidden, self.layers = c.model.hidden_size, c.model.num_layers
+    self.layout = data_lib.make_layout(len(corpus.train), self.t, self.b, 'shuffle')
+
+  def dataset(self, ctx=None):
+    return data_lib.make_dataset(self.corpus.train, self.vocab, self.layout, ctx,
+                                 seed=self.config.seed)
+
+  def models(self):
+    keras.utils.set_random_seed(self.config.seed)  # every case starts from the same weights
+    return model_lib.build(self.vocab, self.hidden, self.layers, self.t,
+                           self.config.runtime.precision)
+
+
+def charlstm_case(s, key, label, *, steps_per_loop, jit, fused):
+  """Case a or d: pipeline.steps' train loop, set up as pipeline.train does."""
+  c, strategy = s.config, s.strategy
+  with strategy.scope():
+    models = s.models()
+    optimizer, _ = steps_lib.make_optimizer(c.train, c.runtime.precision)
+    optimizer.build(models.train.trainable_variables)
+    step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+    state = tuple(steps_lib.state_variable(s.b, s.layers, s.hidden, n) for n in 'hc')
+  mode = steps_lib.jit_mode(jit, strategy, distribute.has_gpu())
+  loops = steps_lib.build(strategy, models, optimizer, global_batch=s.b, stream=False,
+                          clip_norm=c.train.grad_clip_norm, train_state=state,
+                          eval_state=state, step_var=step_var, mode=mode, fused=fused)
+  iterator = iter(strategy.distribute_datasets_from_function(s.dataset))
+
+  def train(steps):  # as pipeline.train does: loops of <= steps_per_loop, a loss read per loop
+    done = 0
+    while done < steps:
+      n = min(steps_per_loop, steps - done)
+      float(loops.train(iterator, n))
+      done += n
+  case = Case(key, label, 'train', _timed(train), s.b * s.t)
+  case.models = models  # exported for the sampling cases
+  case.xla_loop = mode == 'loop'  # XLA compiles one program per loop length
+  return case
+
+
+def fit_case(s):
+  """Case b: the same Keras model, data, loss and optimizer through compile + fit."""
+  c, models = s.config, s.models()
+  model = keras.Model(models.train.inputs, models.train.outputs[0])  # logits only
+  _, schedule = steps_lib.make_optimizer(c.train, c.runtime.precision)
+  clip = c.train.grad_clip_norm or None
+  model.compile(optimizer=keras.optimizers.Adam(learning_rate=schedule, global_clipnorm=clip),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  zeros = tf.zeros([s.b, s.layers, s.hidden])  # shuffle mode: every window from zero state
+  data = s.dataset().map(lambda x: ((x['inputs'], zeros, zeros), x['targets']))
+  return Case('b', 'model.compile + model.fit', 'train', _fit_run(model, data), s.b * s.t)
+
+
+def _seed_models(vocab_size, hidden, layers=1):
+  """The post's model and pred_model, in Keras 3 spelling (`layers` stacked LSTMs).
+
+  pred_model takes [x, h_1, c_1, h_2, c_2, ...] and returns [probs, h_1, c_1, ...].
+  """
+  inputs = keras.Input(shape=(None, vocab_size))
+  lstms = [keras.layers.LSTM(hidden, return_sequences=True, return_state=True)
+           for _ in range(layers)]
+  dense = keras.layers.Dense(vocab_size, activation='softmax')
+  x = inputs
+  for lstm in lstms:
+    x, _, _ = lstm(x)
+  model = keras.Model(inputs, dense(x))
+  states_in = [keras.Input(shape=(hidden,)) for _ in range(2 * layers)]
+  x, states = inputs, []
+  for i, lstm in enumerate(lstms):
+    x, h, c = lstm(x, initial_state=states_in[2 * i:2 * i + 2])
+    states += [h, c]
+  pred_model = keras.Model([inputs] + states_in, [dense(x)] + states)
+  return model, pred_model
+
+
+def seed_fit_case(s):
+  """Case c: the post's fit on a generator of single one-hot windows."""
+  keras.utils.set_random_seed(s.config.seed)
+  model, _ = _seed_models(s.vocab, s.hidden, s.layers)
+  model.compile(loss='categorical_crossentropy',
+                optimizer=keras.optimizers.Adam(s.config.train.learning_rate))
+  ids, t = s.corpus.train, s.t
+  eye = np.eye(s.vocab, dtype=np.float32)
+
+  def data_feed():  # the post's generator: consecutive windows, batch size 1
+    p = 0
+    while True:
+      window = ids[p:p + t + 1].astype(np.int64)
+      yield eye[window[:-1]][None], eye[window[1:]][None]
+      p = (p + t) % (len(ids) - t - 1)
+  return Case('c', 'seed post: fit on a generator, batch 1', 'train',
+              _fit_run(model, data_feed()), t)
+
+
+def input_case(s):
+  """The input pipeline alone: batches pulled inside a tf.function, as the train loop does."""
+  iterator = iter(s.dataset())
+
+  @tf.function
+  def pull(n):
+    total = tf.constant(0.0)
+    for _ in tf.range(n):
+      batch = next(iterator)
+      total += batch['inputs'][0, 0, 0] + tf.cast(batch['targets'][0, 0], tf.float32)
+    return total
+  return Case('input', 'tf.data pipeline alone', 'input',
+              _timed(lambda n: pull(tf.constant(n)).numpy()), s.b * s.t)
+
+
+def peak_case(size=MATMUL_SIZE):
+  """float32 matmul throughput: one (size x size) product per unit of work."""
+  a = tf.random.stateless_normal([size, size], seed=[1, 2])
+  b = tf.random.stateless_normal([size, size], seed=[3, 4])
+  product = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
+
+  def run(n):
+    for _ in range(n):
+      product().numpy()
+  return Case('peak', f'float32 matmul {size}x{size}', 'peak', _timed(run), 2 * size ** 3)
+
+
+def sampling_cases(s, models, export_dir):
+  """Cases e-h on the same model size; f-h on a SavedModel exported from `models`."""
+  keras.utils.set_random_seed(s.config.seed)
+  _, pred_model = _seed_models(s.vocab, s.hidden, s.layers)
+  v, hidden, layers = s.vocab, s.hidden, s.layers
+  rng = np.random.default_rng(0)
+  eye = np.eye(v, dtype=np.float32)
+
+  def seed_test(n):  # the post's test(): one predict per character
+    x = eye[[rng.integers(v)]][None]
+    states = [np.zeros((1, hidden), np.float32)] * (2 * layers)
+    for _ in range(n):
+      prob, *states = pred_model.predict([x] + states, verbose=0)
+      p = prob[-1][0].astype(np.float64)
+      x = eye[[rng.choice(v, p=p / p.sum())]][None]
+
+  export_lib.export_models(models, s.corpus.vocab, export_dir)
+  loaded = tf.saved_model.load(export_dir)
+  step = loaded.signatures['step']
+
+  def step_loop(n):  # a user's sampler over the `step` signature
+    ids = tf.constant([int(rng.integers(v))], tf.int32)
+    h = c = tf.zeros([1, layers, hidden])
+    for _ in range(n):
+      out = step(ids=ids, h=h, c=c)
+      h, c = out['h'], out['c']
+      p = out['probs'].numpy()[0].astype(np.float64)
+      ids = tf.constant([rng.choice(v, p=p / p.sum())], tf.int32)
+
+  def generate(prompts):
+    def run(n):
+      loaded.generate(prompts=tf.constant(prompts), num_chars=tf.constant(n),
+                      temperature=tf.constant(0.8), top_k=tf.constant(0),
+                      seed=tf.constant(1, tf.int64))['text'].numpy()
+    return run
+  first = s.corpus.vocab.chars[-1]  # any in-vocabulary one-char prompt
+  return [
+      Case('e', 'seed post: Model.predict per char', 'sample', _timed(seed_test), 1),
+      Case('f', 'Python loop over SavedModel `step`', 'sample', _timed(step_loop), 1),
+      Case('g', 'SavedModel `generate`, 1 prompt', 'sample', _timed(generate([first])), 1),
+      Case('h', f'SavedModel `generate`, {SAMPLE_PROMPTS} prompts', 'sample',
+           _timed(generate([first] * SAMPLE_PROMPTS)), SAMPLE_PROMPTS),
+  ]

@@ -1,0 +1,52 @@
+"""launch.bench: the speed table's structure in a tiny mode (not its speed), and flag errors."""
+
+import json
+import math
+
+from tests.conftest import run
+
+TRAIN = ['a', 'b', 'c', 'd1', 'd2', 'd3']
+SAMPLE = ['e', 'f', 'g', 'h']
+
+
+def test_tiny_bench_prints_every_row_and_writes_json(tmp_path):
+  out = tmp_path / 'bench.json'
+  proc = run(['-m', 'launch.bench', '--hidden=8', '--batch=4', '--seq_len=10', '--rounds=1',
+              '--seconds=0.01', f'--json={out}'], timeout=240)
+  table = proc.stdout
+  for key in TRAIN + ['input'] + SAMPLE:
+    assert f'({key}) ' in table, table
+  for header in ('training, chars/s', 'input pipeline, chars/s', 'matmul peak, GFLOP/s',
+                 'sampling, chars/s', 'targets', 'MFLOP per trained char'):
+    assert header in table, table
+
+  result = json.loads(out.read_text())
+  assert result['rounds'] == 1
+  (size,) = result['sizes']
+  assert (size['hidden'], size['batch'], size['seq_len'], size['layers']) == (8, 4, 10, 1)
+  assert size['flops_per_char'] > 0
+  rows = {r['key']: r for r in size['rows']}
+  assert list(rows) == TRAIN + ['input', 'peak'] + SAMPLE
+  for r in rows.values():
+    numbers = [r['median'], r['min'], r['max']] + [v for k, v in r.items()
+                                                   if k.startswith('vs_')]
+    assert all(math.isfinite(x) and x > 0 for x in numbers), r
+    assert r['min'] <= r['median'] <= r['max'], r
+  for key in TRAIN:
+    assert {'vs_b', 'vs_c', 'gflops', 'fraction_of_peak'} <= set(rows[key]), rows[key]
+    assert rows[key]['gflops'] > 0 and rows[key]['fraction_of_peak'] > 0
+  assert rows['b']['vs_b'] == 1.0 and rows['e']['vs_e'] == 1.0
+  assert 'vs_a' in rows['input']
+  # Sampling targets apply at H=256 only; the training and input ones at every size.
+  assert [t['target'][:3] for t in result['targets']] == ['(a)', '(a)', 'inp']
+  assert all(isinstance(t['met'], bool) for t in result['targets'])
+
+
+def test_bad_flags_are_usage_errors_before_tensorflow_starts():
+  for flag, message in (('--hidden=12,big', "--hidden takes whole numbers, got ['12', 'big']"),
+                        ('--rounds=0', '--rounds must be >= 1, got 0'),
+                        ('--seconds=-1', '--seconds must be > 0, got -1.0')):
+    proc = run(['-m', 'launch.bench', flag], check=False, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == message
+    assert 'Traceback' not in proc.stderr and 'tensorflow' not in proc.stderr.lower()
