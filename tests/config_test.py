@@ -18,7 +18,7 @@ from pipeline import storage
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 CONFIGS = [('shakespeare.py', ''), ('shakespeare.py', 'smoke'), ('shakespeare.py', 'demo'),
-           ('quijote.py', None), ('seed_keras.py', None)]
+           ('quijote.py', None), ('seed_keras.py', None), ('shakespeare_best.py', None)]
 
 
 def _load_module(filename):
