@@ -138,6 +138,17 @@ def _starts_and_reset(layout, step, rows, seed, reset_prob, shuffle):
   return starts, tf.maximum(random_reset, epoch_start)
 
 
+def _element(window, vocab_size, step, rows, reset):
+  """One per-replica batch (see the module docstring) from int32 windows of T + 1 ids."""
+  return {
+      'inputs': tf.one_hot(window[:, :-1], vocab_size, dtype=tf.float32),
+      'targets': window[:, 1:],
+      'rows': tf.cast(rows, tf.int32),
+      'reset': reset,
+      'step': tf.fill(tf.shape(rows), tf.cast(step, tf.int32)),
+  }
+
+
 def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
                  start_step=0, num_steps=None, reset_prob=0.0, shuffle=True):
   """Builds the dataset for one input pipeline.
@@ -186,14 +197,7 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
     rows = replica * per_replica + tf.range(per_replica, dtype=tf.int64)
     starts, reset = _starts_and_reset(layout, step, rows, seed, reset_prob, shuffle)
     window = tf.gather(ids_t, starts[:, None] + tf.range(t + 1, dtype=tf.int64))
-    window = tf.cast(window, tf.int32)
-    return {
-        'inputs': tf.one_hot(window[:, :-1], vocab_size, dtype=tf.float32),
-        'targets': window[:, 1:],
-        'rows': tf.cast(rows, tf.int32),
-        'reset': reset,
-        'step': tf.fill(tf.shape(rows), tf.cast(step, tf.int32)),
-    }
+    return _element(tf.cast(window, tf.int32), vocab_size, step, rows, reset)
 
   if num_steps is None:
     flat = tf.data.Dataset.range(start_step * local * per_replica, np.iinfo(np.int64).max)
@@ -261,13 +265,7 @@ def _streamed_dataset(source, vocab_size, layout, first_replica, local, per_repl
     replica = first_replica + j % local
     rows = replica * per_replica + tf.range(per_replica, dtype=tf.int64)
     _, reset = _starts_and_reset(layout, step, rows, seed, reset_prob, False)
-    return {
-        'inputs': tf.one_hot(window[:, :-1], vocab_size, dtype=tf.float32),
-        'targets': window[:, 1:],
-        'rows': tf.cast(rows, tf.int32),
-        'reset': reset,
-        'step': tf.fill(tf.shape(rows), tf.cast(step, tf.int32)),
-    }
+    return _element(window, vocab_size, step, rows, reset)
 
   ds = ds.enumerate().map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)
