@@ -23,6 +23,7 @@ TF reads those variables when its GCS filesystem initialises, so TF code runs
 in child processes started with `tf_env()`.
 """
 
+import contextlib
 import datetime
 import http.client
 import http.server
@@ -386,3 +387,25 @@ class GcsEmulator:
 
   def __exit__(self, *exc):
     self.stop()
+
+
+@contextlib.contextmanager
+def serving(directory, bucket):
+  """A started emulator holding `bucket`, with this process's client env pointed at it.
+
+  The environment variables it sets are restored, and the emulator stopped, on exit.
+  """
+  emulator = GcsEmulator(directory).start()
+  saved = {k: os.environ.get(k) for k in emulator.client_env()}
+  os.environ.update(emulator.client_env())
+  try:
+    from pipeline import storage  # pylint: disable=g-import-not-at-top
+    storage.create_bucket(bucket)
+    yield emulator
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    emulator.stop()

@@ -30,19 +30,8 @@ BUCKET = 'charlstm-test'
 @pytest.fixture(scope='session')
 def gcs(tmp_path_factory):
   """fake-gcs-server + TLS proxy for the session; this process uses it through the client env."""
-  emulator = gcs_emulator.GcsEmulator(tmp_path_factory.mktemp('gcs')).start()
-  saved = {k: os.environ.get(k) for k in emulator.client_env()}
-  os.environ.update(emulator.client_env())
-  try:
-    storage.create_bucket(BUCKET)
+  with gcs_emulator.serving(tmp_path_factory.mktemp('gcs'), BUCKET) as emulator:
     yield emulator
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-    emulator.stop()
 
 
 def _client():
