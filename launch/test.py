@@ -7,7 +7,7 @@ Runs with the bare system python3 of a fresh clone: it creates and fills
   python -m pytest tests -q [pytest args]
 in the venv, so the exit status is pytest's (5 means no tests were collected).
 Arguments naming test files or node ids replace `tests`, e.g.
-  python3 -m launch.test tests/test_data.py::test_resume -x
+  python3 -m launch.test tests/train_test.py::test_resume_is_bit_exact -x
 """
 
 import os
