@@ -6,10 +6,9 @@ r"""Benchmarks: the speed table (default) or peak memory against corpus size.
 
 The speed table measures every case in one process, interleaved round by round
 (the machine may be shared: only figures measured together compare); see
-pipeline/benchmark.py for the cases.
+pipeline/bench/speed.py for the cases.
 """
 
-import json
 import os
 import sys
 
@@ -63,34 +62,17 @@ def main(argv):
   from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.from_flag(_CONFIG)
   if _WHAT.value == 'memory':
-    from pipeline import memory_bench  # pylint: disable=g-import-not-at-top
-    _print_memory(memory_bench.memory(config, sizes))
+    from pipeline.bench import memory  # pylint: disable=g-import-not-at-top
+    memory.run(config, sizes)
     return
-  from pipeline import benchmark  # pylint: disable=g-import-not-at-top
-  result = benchmark.speed(config, hidden, layers=_LAYERS.value, batch=_BATCH.value,
-                           seq_len=_SEQ_LEN.value, rounds=_ROUNDS.value,
-                           seconds=_SECONDS.value)
-  print(benchmark.format_table(result), flush=True)
-  if _JSON.value:
-    with open(_JSON.value, 'w', encoding='utf-8') as f:
-      json.dump(result, f, indent=1)
+  from pipeline.bench import speed  # pylint: disable=g-import-not-at-top
+  speed.run(config, hidden, layers=_LAYERS.value, batch=_BATCH.value, seq_len=_SEQ_LEN.value,
+            rounds=_ROUNDS.value, seconds=_SECONDS.value, json_path=_JSON.value)
   # Everything is written. Tearing down the cases' tf.data iterators waits for
   # their autotuning threads (seconds to minutes each, measured), so skip it.
+  sys.stdout.flush()
   sys.stderr.flush()
   os._exit(0)
-
-
-def _print_memory(rows):
-  """Peak RSS in MB (1e6 bytes), the lowest of the repeats; '+MB' is above the
-  fixed run, 'x' that over the corpus bytes, 'spread' the repeats' max - min."""
-  print(f'{"run":30s} {"corpus MB":>9s} {"load s":>6s} {"load peak":>9s} {"+MB":>6s} '
-        f'{"x":>5s} {"train s":>7s} {"train peak":>10s} {"spread":>6s} {"+MB":>6s} {"x":>5s}')
-  for r in rows:
-    print(f'{r["run"]:30s} {r["corpus_bytes"] / 1e6:9.1f} {r["load_seconds"]:6.2f} '
-          f'{r["load_peak"] / 1e6:9.1f} {r["load_over_fixed"] / 1e6:6.1f} '
-          f'{r["load_ratio"]:5.2f} {r["train_seconds"]:7.1f} {r["train_peak"] / 1e6:10.1f} '
-          f'{r["train_spread"] / 1e6:6.1f} {r["train_over_fixed"] / 1e6:6.1f} '
-          f'{r["train_ratio"]:5.2f}')
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""launch.bench: the speed table's structure in a tiny mode (not its speed), and flag errors."""
+"""launch.bench (pipeline/bench/): the speed table's structure in a tiny mode (not its
+speed), the memory bench's child process, and flag errors."""
 
 import json
 import math
@@ -50,3 +51,18 @@ def test_bad_flags_are_usage_errors_before_tensorflow_starts():
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == message
     assert 'Traceback' not in proc.stderr and 'tensorflow' not in proc.stderr.lower()
+
+
+def test_memory_child_loads_through_the_corpus_entry(tmp_path):
+  # The child's `python -c` names pipeline.bench.memory; 'load' reads via source.open_corpus.
+  from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pipeline.bench import memory  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'corpus.txt')
+  memory.write_text_corpus(path, 50_000)
+  config = config_lib.finalize(config_lib.base_config())
+  out = memory._run_memory_child(config, path, 50_000, 'load')  # pylint: disable=protected-access
+  assert out['peak'] >= out['import_peak'] > 0 and out['seconds'] > 0, out
+  table = memory.format_table([{'run': 'fixed', 'corpus_bytes': 50_000, **{
+      f'{m}_{k}': 1.0 for m in ('load', 'train')
+      for k in ('seconds', 'peak', 'spread', 'over_fixed', 'ratio')}}])
+  assert table.splitlines()[0].split()[:3] == ['run', 'corpus', 'MB'] and 'fixed' in table

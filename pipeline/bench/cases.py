@@ -1,12 +1,14 @@
-"""The cases of the speed table (see pipeline.benchmark): each builds one way to
+"""The cases of the speed table (see pipeline.bench.speed): each builds one way to
 train or sample the same model and returns a `Case` whose run(work) does
 `work` units (train steps, chars, matmuls) and returns the seconds taken.
 
 The baselines are written as their users would write them: Keras's compile
 and fit for (b), the seed post's code for (c) and (e). charlstm's cases use
-the library as pipeline.train and the exported SavedModel do.
+the library as pipeline.train and the exported SavedModel do: (a) and (d) are
+set up by `steps.setup`, the one set-up pipeline.train uses.
 """
 
+import copy
 import dataclasses
 import time
 
@@ -14,8 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import config as config_lib
 from pipeline import data as data_lib
-from pipeline import distribute
 from pipeline import export as export_lib
 from pipeline import model as model_lib
 from pipeline import steps as steps_lib
@@ -118,19 +120,17 @@ class Setup:
 
 
 def charlstm_case(s, key, label, *, steps_per_loop, jit, fused):
-  """Case a or d: pipeline.steps' train loop, set up as pipeline.train does."""
-  c, strategy = s.config, s.strategy
-  with strategy.scope():
-    models = s.models()
-    optimizer, _ = steps_lib.make_optimizer(c.train, c.runtime.precision)
-    optimizer.build(models.train.trainable_variables)
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    state = tuple(steps_lib.state_variable(s.b, s.layers, s.hidden, n) for n in 'hc')
-  mode = steps_lib.jit_mode(jit, strategy, distribute.has_gpu())
-  loops = steps_lib.build(strategy, models, optimizer, global_batch=s.b, stream=False,
-                          clip_norm=c.train.grad_clip_norm, train_state=state,
-                          eval_state=state, step_var=step_var, mode=mode, fused=fused)
-  iterator = iter(strategy.distribute_datasets_from_function(s.dataset))
+  """Case a or d: pipeline.steps' train loop, set up by steps.setup as pipeline.train does.
+
+  The case's config is the size's with these train settings; shuffle mode (every
+  window from zero state, as in b and c), and the weights of `config.seed`.
+  """
+  config = config_lib.override(copy.deepcopy(s.config), **{
+      'train.steps_per_loop': steps_per_loop, 'train.jit_compile': jit,
+      'train.fused_lstm': fused, 'data.mode': 'shuffle'})
+  training = steps_lib.setup(config, s.strategy, s.vocab)
+  loops = training.loops
+  iterator = iter(s.strategy.distribute_datasets_from_function(s.dataset))
 
   def train(steps):  # as pipeline.train does: loops of <= steps_per_loop, a loss read per loop
     done = 0
@@ -139,8 +139,8 @@ def charlstm_case(s, key, label, *, steps_per_loop, jit, fused):
       float(loops.train(iterator, n))
       done += n
   case = Case(key, label, 'train', _timed(train), s.b * s.t)
-  case.models = models  # exported for the sampling cases
-  case.xla_loop = mode == 'loop'  # XLA compiles one program per loop length
+  case.models = training.models  # exported for the sampling cases
+  case.xla_loop = training.jit_mode == 'loop'  # XLA compiles one program per loop length
   return case
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from pipeline import config as config_lib
-from pipeline import corpus as corpus_lib
+from pipeline import source
 from pipeline import train as train_lib
 
 # Memory: peak RSS of loading a corpus, building the pipeline and training a
@@ -59,7 +59,8 @@ def _peak_rss_bytes():
 def memory_child(config_json, corpus, num_bytes, mode):
   """Runs in a fresh process (see `memory`); prints one result line.
 
-  mode 'load' times corpus.load alone; mode 'train' runs train_and_evaluate
+  mode 'load' times loading the corpus alone (source.open_corpus, as
+  pipeline.train loads it); mode 'train' runs train_and_evaluate
   for a few steps (load, pipeline, model, train loops, one evaluation).
   'prepare' builds the text at `corpus` into a char_corpus TFDS dataset next
   to it, and 'train_streamed' trains on that with data.tfds_streaming.
@@ -71,6 +72,8 @@ def memory_child(config_json, corpus, num_bytes, mode):
     config_lib.override(c, **{'data.corpus': _STREAMED, 'data.tfds_data_dir': corpus + '.tfds',
                               'data.tfds_streaming': True, 'data.mode': 'stream'})
     corpus = _STREAMED
+  else:  # the generated text file, loaded
+    config_lib.override(c, **{'data.tfds_streaming': False})
   config_lib.override(c, **{
       'data.corpus': corpus, 'data.val_fraction': _VAL_BYTES / num_bytes,
       'train.num_steps': _MEMORY_STEPS, 'train.steps_per_loop': _MEMORY_STEPS // 2,
@@ -79,11 +82,9 @@ def memory_child(config_json, corpus, num_bytes, mode):
   out = {'import_peak': _peak_rss_bytes()}
   t0 = time.perf_counter()
   if mode == 'load':
-    corpus_lib.load(corpus, c.data.val_fraction, c.data.seq_length,
-                    decode_errors=c.data.decode_errors, max_vocab=c.data.max_vocab)
+    source.open_corpus(c.data)
   elif mode == 'prepare':
-    from pipeline import tfds_source  # pylint: disable=g-import-not-at-top
-    module = tfds_source._builder_module()  # pylint: disable=protected-access
+    module = source._builder_module()  # pylint: disable=protected-access
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     builder = module.CharCorpus(
         config=module.CharCorpusConfig(name=_STREAMED.split('/')[1],
@@ -110,9 +111,9 @@ def _run_memory_child(config, corpus, num_bytes, mode):
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  code = ('import sys; from pipeline import memory_bench; '
-          'memory_bench.memory_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('import sys; from pipeline.bench import memory; '
+          'memory.memory_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])')
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
   proc = subprocess.run(
@@ -129,7 +130,7 @@ def memory(config, sizes_mb=MEMORY_SIZES_MB, repeats=3):
   """Peak RSS per corpus size, minus the fixed overhead, as a ratio to the corpus bytes.
 
   Each corpus (generated text, `write_text_corpus`) runs in fresh processes:
-  'load' (corpus.load alone) and 'train' (train_and_evaluate for a few steps
+  'load' (source.open_corpus alone) and 'train' (train_and_evaluate for a few steps
   with the config's model and batch). The fixed overhead is the same run on a
   200 kB corpus. The largest size is also trained with
   runtime.deterministic=False, which skips tf.data's make_deterministic
@@ -174,4 +175,28 @@ def memory(config, sizes_mb=MEMORY_SIZES_MB, repeats=3):
         logging.info('memory %s %s: peaks %s MB', label, mode,
                      ', '.join(f'{x / 1e6:.1f}' for x in peaks))
       rows.append(row)
+  return rows
+
+
+def format_table(rows):
+  """The rows of `memory` as the text table launch.bench prints.
+
+  Peak RSS in MB (1e6 bytes), the lowest of the repeats; '+MB' is above the
+  fixed run, 'x' that over the corpus bytes, 'spread' the repeats' max - min.
+  """
+  lines = [f'{"run":30s} {"corpus MB":>9s} {"load s":>6s} {"load peak":>9s} {"+MB":>6s} '
+           f'{"x":>5s} {"train s":>7s} {"train peak":>10s} {"spread":>6s} {"+MB":>6s} {"x":>5s}']
+  for r in rows:
+    lines.append(f'{r["run"]:30s} {r["corpus_bytes"] / 1e6:9.1f} {r["load_seconds"]:6.2f} '
+                 f'{r["load_peak"] / 1e6:9.1f} {r["load_over_fixed"] / 1e6:6.1f} '
+                 f'{r["load_ratio"]:5.2f} {r["train_seconds"]:7.1f} '
+                 f'{r["train_peak"] / 1e6:10.1f} {r["train_spread"] / 1e6:6.1f} '
+                 f'{r["train_over_fixed"] / 1e6:6.1f} {r["train_ratio"]:5.2f}')
+  return '\n'.join(lines)
+
+
+def run(config, sizes_mb=MEMORY_SIZES_MB):
+  """launch.bench --what=memory: measures (`memory`) and prints the table."""
+  rows = memory(config, sizes_mb)
+  print(format_table(rows), flush=True)
   return rows

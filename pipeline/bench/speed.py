@@ -28,21 +28,22 @@ set-up), then its work per measurement (steps, or chars) is fixed so that it
 takes about `seconds`; a-d use the same number of steps. Keras's fit is timed
 from the end of its first batch to the end of training (a callback), so its
 per-call set-up and the first batch's data fetch are not counted against it.
-The cases are built in pipeline/bench_cases.py.
+The cases are built in pipeline/bench/cases.py.
 """
 
 import copy
 import gc
+import json
 import tempfile
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pipeline import bench_cases as cases_lib
 from pipeline import config as config_lib
-from pipeline import corpus as corpus_lib
 from pipeline import distribute
+from pipeline import source
+from pipeline.bench import cases as cases_lib
 
 _LIVE = []  # every case's models and iterators, kept alive (see measure_size)
 
@@ -166,15 +167,18 @@ def speed(config, hidden_sizes=(256, 512), *, layers=1, batch=64, seq_len=100, r
   if strategy.num_replicas_in_sync != 1:
     raise config_lib.ConfigError('launch.bench measures one replica; use '
                                  '--config.runtime.strategy=cpu or auto.')
-  corpus = corpus_lib.load(c.data.corpus, c.data.val_fraction, seq_len,
-                           decode_errors=c.data.decode_errors, max_vocab=c.data.max_vocab)
+  # Every case: shuffle mode on the loaded text (streamed shards have no random
+  # access), the seed post's model (no dropout), the bench's B, T and layers.
+  bench_config = config_lib.override(
+      config_lib.from_dict(config_lib.to_json(c)),
+      **{'model.num_layers': layers, 'model.dropout': 0.0, 'data.batch_size': batch,
+         'data.seq_length': seq_len, 'data.mode': 'shuffle', 'data.tfds_streaming': False})
+  corpus = source.open_corpus(bench_config.data)
   sizes = []
   with tempfile.TemporaryDirectory(prefix='charlstm-bench-') as workdir:
     for hidden in hidden_sizes:
-      size_config = config_lib.override(
-          config_lib.from_dict(config_lib.to_json(c)),
-          **{'model.hidden_size': hidden, 'model.num_layers': layers,
-             'data.batch_size': batch, 'data.seq_length': seq_len, 'data.mode': 'shuffle'})
+      size_config = config_lib.override(copy.deepcopy(bench_config),
+                                        **{'model.hidden_size': hidden})
       sizes.append(measure_size(size_config, corpus, strategy, rounds=rounds,
                                 seconds=seconds, workdir=workdir, log=log))
   targets = []
@@ -228,3 +232,13 @@ def format_table(result):
     lines.append(f"  H={t['hidden']:<4d} {t['target']:34s} {t['value']:10.2f}  "
                  f"{'met' if t['met'] else 'NOT MET'}")
   return '\n'.join(lines)
+
+
+def run(config, hidden_sizes=(256, 512), *, json_path=None, **kwargs):
+  """launch.bench's speed table: measures (`speed`), prints the table, writes the JSON."""
+  result = speed(config, hidden_sizes, **kwargs)
+  print(format_table(result), flush=True)
+  if json_path:
+    with open(json_path, 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=1)
+  return result
