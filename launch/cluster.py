@@ -81,7 +81,7 @@ flags.register_validator('timeout', lambda v: v > 0, message='--timeout must be 
 
 
 def main(argv):
-  from pipeline import cluster  # pylint: disable=g-import-not-at-top
+  from pipeline.cloud import cluster  # pylint: disable=g-import-not-at-top
   return cluster.run_cluster(_MODULE.value, argv[1:], _NUM_WORKERS.value,
                              restarts=_RESTARTS.value, timeout=_TIMEOUT.value,
                              grace_seconds=_GRACE.value)

@@ -3,7 +3,7 @@ r"""README command 1: train a small Shakespeare model, then sample it.
   python3 -m launch.demo [--workdir=DIR] [--resume]
 
 Runs with the bare system python3 of a fresh clone: it creates and fills
-./.venv on first use (pipeline/bootstrap.py), then runs, each in its own
+./.venv on first use (pipeline/cloud/bootstrap.py), then runs, each in its own
 process in the venv,
   python -m launch.train --config=configs/shakespeare.py:demo --workdir=DIR
   python -m launch.sample --saved_model=DIR/export --prompt="ROMEO:" \
@@ -18,7 +18,8 @@ import sys
 import tempfile
 import time
 
-from pipeline import bootstrap
+from pipeline import errors
+from pipeline.cloud import bootstrap
 
 CONFIG = 'configs/shakespeare.py:demo'
 SAMPLE_FLAGS = ['--prompt=ROMEO:', '--length=300', '--temperature=0.8', '--seed=1']
@@ -44,8 +45,8 @@ def wipe(workdir):
     return
   if os.path.isdir(workdir) and os.listdir(workdir) and not any(
       os.path.exists(os.path.join(workdir, m)) for m in WORKDIR_MARKERS):
-    bootstrap.fail(f'--workdir {workdir} is not empty and is not a charlstm workdir; '
-                   'the demo wipes its workdir, so pass a new directory.', 2)
+    errors.fail(f'--workdir {workdir} is not empty and is not a charlstm workdir; '
+                'the demo wipes its workdir, so pass a new directory.')
   if os.path.isdir(workdir) and not os.path.islink(workdir):
     shutil.rmtree(workdir)
   else:
@@ -69,15 +70,15 @@ def main(argv=None):
                               env=env)
   train_seconds = time.perf_counter() - t1
   if code:
-    bootstrap.fail(f'training failed (exit {code}); see above. Fix the cause and re-run '
-                   f'(add --resume to continue from the last checkpoint).', code)
+    errors.fail(f'training failed (exit {code}); see above. Fix the cause and re-run '
+                f'(add --resume to continue from the last checkpoint).', code)
 
   export = os.path.join(workdir, 'export')
   bootstrap.say(f'sampling {export} ...')
   code = bootstrap.run_module('launch.sample', [f'--saved_model={export}'] + SAMPLE_FLAGS,
                               env=env)
   if code:
-    bootstrap.fail(f'sampling failed (exit {code}); see above.', code)
+    errors.fail(f'sampling failed (exit {code}); see above.', code)
   tensorboard = os.path.join(os.path.dirname(bootstrap.venv_python()), 'tensorboard')
   bootstrap.say(
       f'done in {time.perf_counter() - t0:.0f}s (training {train_seconds:.0f}s). '

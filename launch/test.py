@@ -13,7 +13,8 @@ Arguments naming test files or node ids replace `tests`, e.g.
 import os
 import sys
 
-from pipeline import bootstrap
+import pipeline
+from pipeline.cloud import bootstrap
 
 
 def _names_paths(args):
@@ -25,7 +26,7 @@ def _names_paths(args):
     path = a.split('::')[0]
     looks_like_path = '/' in path or path.endswith('.py') or '::' in a
     if (not a.startswith('-') and looks_like_path and
-        os.path.exists(os.path.join(bootstrap.REPO_ROOT, path))):
+        os.path.exists(os.path.join(pipeline.ROOT, path))):
       return True
   return False
 

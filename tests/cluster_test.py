@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from pipeline import cluster
+from pipeline.cloud import cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

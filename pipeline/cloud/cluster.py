@@ -3,27 +3,22 @@
 `run_cluster` starts N copies of `python -m <module> <flags>` on this machine,
 each with a TF_CONFIG naming the same N `127.0.0.1:<port>` workers and its own
 task index, streams their output with a `[worker i] ` prefix, and makes sure
-the cluster ends as one unit:
+the cluster ends as one unit, with one exit status:
 
-  * all workers exit 0                      -> 0
-  * one worker fails (exit != 0, or killed) -> the others get SIGTERM, then
-                                               SIGKILL after `grace_seconds`;
-                                               the launcher exits with that
-                                               first worker's code (1 if it
-                                               died by a signal)
-  * the first worker to stop exits 75       -> preempted: the others are
-    (EX_TEMPFAIL: checkpoint saved)            stopped the same way; relaunch
-                                               on new ports up to `restarts`
-                                               times, else exit 75
-  * `timeout` seconds pass                  -> everything is stopped, exit 124
-  * SIGINT/SIGTERM to the launcher          -> SIGTERM to every worker (they
-                                               checkpoint), SIGKILL after
-                                               `grace_seconds`; exit 75 if all
-                                               exited 0 or 75. A second signal
-                                               kills them at once.
+  * All workers exit 0: 0.
+  * One worker fails (exit != 0, or killed): the others get SIGTERM, then
+    SIGKILL after `grace_seconds`; the status is that first worker's code
+    (1 if it died by a signal).
+  * The first worker to stop exits 75 (EX_TEMPFAIL: it saved a checkpoint):
+    preempted. The others are stopped the same way, and the cluster is
+    relaunched on new ports up to `restarts` times; then 75.
+  * `timeout` seconds pass (restarts included): everything is stopped; 124.
+  * SIGINT/SIGTERM to the launcher: SIGTERM to every worker (they
+    checkpoint), SIGKILL after `grace_seconds`; 75 if all exited 0 or 75.
+    A second signal kills them at once.
 
-Standard library only: it supervises processes and never imports TensorFlow,
-so it starts instantly and runs wherever a bare python3 does.
+Standard library only (so is pipeline.errors): it supervises processes and
+never imports TensorFlow, so it starts instantly and runs wherever python3 does.
 """
 
 import json
@@ -37,13 +32,13 @@ import sys
 import threading
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pipeline
+from pipeline import errors
+
 HOST = '127.0.0.1'
 DEFAULT_MODULE = 'launch.train'
 STRATEGY_FLAG = '--config.runtime.strategy'
 DEFAULT_STRATEGY = 'multi_worker'
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL, what launch.train exits with after a signal-triggered save
-EXIT_TIMEOUT = 124  # what coreutils `timeout` exits with
 # How long a worker's pipes may stay open after it exited (a child it started
 # may hold them) before its exit is reported anyway.
 _DRAIN_SECONDS = 2.0
@@ -53,12 +48,7 @@ _REAP_SECONDS = 5.0
 
 
 def free_ports(n, host=HOST):
-  """Returns `n` distinct TCP ports on `host` that were free a moment ago.
-
-  Another process may take one before the worker binds it; run_cluster keeps
-  each socket bound until just before it spawns that port's worker to make the
-  window small.
-  """
+  """Returns `n` distinct TCP ports on `host` that were free a moment ago (and may be taken now)."""
   socks, ports = _reserve_ports(n, host)
   for s in socks:
     s.close()
@@ -121,7 +111,7 @@ def describe_exit(code):
 
 def _exit_status(code):
   """The launcher's exit status for a failed worker: its code, or 1 if a signal killed it."""
-  return code if code and code > 0 else 1
+  return code if code and code > 0 else errors.EXIT_FAILED
 
 
 def _die_with_parent():
@@ -158,16 +148,15 @@ def _start_without_signals(threads):
   later; blocked in every other thread, the signal interrupts that wait at once.
   New threads inherit the mask of the thread that starts them.
   """
-  if not hasattr(signal, 'pthread_sigmask'):
-    for t in threads:
-      t.start()
-    return
-  old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+  masks = hasattr(signal, 'pthread_sigmask')
+  if masks:
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
   try:
     for t in threads:
       t.start()
   finally:
-    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    if masks:
+      signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Printer:
@@ -213,10 +202,9 @@ class _Cluster:
     self.timeout = timeout
     self.grace = grace_seconds
     self.printer = _Printer(out)
-    # One queue for the whole run: waiter threads put ('exit', round, index,
-    # code), the signal handler puts ('signal', signum). SimpleQueue.put is
-    # reentrant, so the handler may call it even while the main thread is
-    # inside get().
+    # One queue for the whole run: waiter threads put ('exit', round, index, code),
+    # the signal handler ('signal', signum). SimpleQueue.put is reentrant, so the
+    # handler may call it even while the main thread is inside get().
     self.events = queue.SimpleQueue()
     self.signals = []  # every SIGINT/SIGTERM the launcher received
     self.handled = 0  # how many of them the supervising loop has acted on
@@ -234,22 +222,22 @@ class _Cluster:
     deadline = time.monotonic() + self.timeout
     for attempt in range(self.restarts + 1):
       code, kind, message = self.run_round(deadline)
-      if (kind == 'preempted' and attempt < self.restarts and not self.signals and
-          time.monotonic() < deadline):
+      if kind != 'preempted':
+        break
+      if attempt < self.restarts and not self.signals and time.monotonic() < deadline:
         self.say(f'{message}; restart {attempt + 1}/{self.restarts}')
         continue
-      if kind == 'preempted':
-        if attempt < self.restarts:
-          why = 'not restarting: ' + ('the launcher was signalled' if self.signals
-                                      else 'the timeout has passed')
-        elif self.restarts:
-          why = f'no restarts left ({self.restarts} used)'
-        else:
-          why = 'pass --restarts=K to relaunch automatically'
-        message = f'{message}; {why}; the same command resumes from the checkpoint'
-      self.say(message)
-      return code
-    raise AssertionError('unreachable')
+      if attempt < self.restarts:
+        why = 'not restarting: ' + ('the launcher was signalled' if self.signals
+                                    else 'the timeout has passed')
+      elif self.restarts:
+        why = f'no restarts left ({self.restarts} used)'
+      else:
+        why = 'pass --restarts=K to relaunch automatically'
+      message = f'{message}; {why}; the same command resumes from the checkpoint'
+      break
+    self.say(message)
+    return code
 
   def spawn(self):
     """Starts the workers of a new round on fresh ports."""
@@ -267,15 +255,15 @@ class _Cluster:
         env.setdefault('PYTHONUNBUFFERED', '1')
         sock.close()  # free the port for this worker, as late as possible
         proc = subprocess.Popen(  # pylint: disable=consider-using-with
-            [sys.executable, '-m', self.module] + self.args, cwd=REPO_ROOT, env=env,
+            [sys.executable, '-m', self.module] + self.args, cwd=pipeline.ROOT, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, preexec_fn=preexec)
         workers.append(_Worker(i, ports[i], proc))
     except BaseException:
       for s in socks:
         s.close()
+      self.kill(workers)
       for w in workers:
-        self.kill(w)
         w.proc.wait()
       raise
     # Start lines first, then the reader threads, so they precede all worker output.
@@ -304,25 +292,31 @@ class _Cluster:
       t.join(_DRAIN_SECONDS)
     self.events.put(('exit', round_, worker.index, code))
 
-  def terminate(self, workers):
+  def terminate(self, workers, now, message):
+    """Says `message` and sends `workers` SIGTERM; returns when they are due SIGKILL."""
+    self.say(message)
     for w in workers:
       w.terminated = True
       try:
         w.proc.send_signal(signal.SIGTERM)
       except ProcessLookupError:
         pass
+    return now + self.grace
 
-  def kill(self, worker):
+  def kill(self, workers):
+    """SIGKILLs `workers`; returns when to stop waiting for them to disappear."""
     # The whole process group (it is the worker's session), so children the
     # worker started die too and release its output pipes.
-    worker.killed = True
-    try:
-      os.killpg(worker.proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+    for w in workers:
+      w.killed = True
       try:
-        worker.proc.kill()
-      except ProcessLookupError:
-        pass
+        os.killpg(w.proc.pid, signal.SIGKILL)
+      except (ProcessLookupError, PermissionError):
+        try:
+          w.proc.kill()
+        except ProcessLookupError:
+          pass
+    return time.monotonic() + _REAP_SECONDS
 
   def run_round(self, deadline):
     """Runs one launch of the cluster; returns (exit code, kind, message)."""
@@ -350,30 +344,23 @@ class _Cluster:
         if kill_at is not None and now >= kill_at:
           self.say(f'{len(running)} worker(s) still running {self.grace:g}s after SIGTERM; '
                    'sending SIGKILL')
-          for w in running.values():
-            self.kill(w)
-          kill_at, give_up_at = None, now + _REAP_SECONDS
+          kill_at, give_up_at = None, self.kill(running.values())
         elif reason is None and now >= deadline:
           reason = 'timeout'
-          self.say(f'timeout after {self.timeout:g}s; stopping the workers '
-                   f'(SIGTERM, SIGKILL after {self.grace:g}s)')
-          self.terminate(running.values())
-          kill_at = now + self.grace
+          kill_at = self.terminate(running.values(), now, f'timeout after {self.timeout:g}s; '
+                                   f'stopping the workers (SIGTERM, SIGKILL after {self.grace:g}s)')
         continue
       if event[0] == 'signal':
         name = signal.Signals(event[1]).name
         self.handled += 1
         if self.handled > 1:
           self.say(f'{name} again; killing the workers now')
-          for w in running.values():
-            self.kill(w)
-          kill_at, give_up_at = None, now + _REAP_SECONDS
+          kill_at, give_up_at = None, self.kill(running.values())
         elif reason is None:
           reason = 'signal'
-          self.say(f'got {name}; forwarding SIGTERM to the workers so they checkpoint '
-                   f'(SIGKILL after {self.grace:g}s; {name} again kills them now)')
-          self.terminate(running.values())
-          kill_at = now + self.grace
+          kill_at = self.terminate(
+              running.values(), now, f'got {name}; forwarding SIGTERM to the workers so they '
+              f'checkpoint (SIGKILL after {self.grace:g}s; {name} again kills them now)')
         continue
       _, round_, index, code = event
       if round_ != self.round or index not in running:
@@ -386,17 +373,15 @@ class _Cluster:
       self.say(f'worker {index} ended: {describe_exit(code)}{by_us}')
       if code != 0 and reason is None:
         root = w
-        reason = 'preempted' if code == EXIT_PREEMPTED else 'failure'
+        reason = 'preempted' if code == errors.EXIT_PREEMPTED else 'failure'
         if running:
-          self.say(f'stopping the other workers (SIGTERM, SIGKILL after {self.grace:g}s)')
-          self.terminate(running.values())
-          kill_at = now + self.grace
+          kill_at = self.terminate(running.values(), now, 'stopping the other workers '
+                                   f'(SIGTERM, SIGKILL after {self.grace:g}s)')
     return self.outcome(workers, exited, reason, root, bool(running))
 
   def outcome(self, workers, exited, reason, root, abandoned):
     """The round's (exit code, kind, one-line message)."""
-    stopped = any(w.terminated or w.killed for w in workers)
-    others = '; stopped the others' if stopped else ''
+    others = '; stopped the others' if any(w.terminated or w.killed for w in workers) else ''
     if reason == 'failure':
       return (_exit_status(root.code), 'failed',
               f'worker {root.index} failed with {describe_exit(root.code)}{others}')
@@ -404,26 +389,26 @@ class _Cluster:
       # The preempted worker saved a checkpoint; how the others ended after the
       # launcher stopped them does not change that (checkpoints are only ever
       # replaced by complete ones), so this is a preemption either way.
-      return (EXIT_PREEMPTED, 'preempted',
-              f'preempted (worker {root.index} exited {EXIT_PREEMPTED}{others})')
+      return (errors.EXIT_PREEMPTED, 'preempted',
+              f'preempted (worker {root.index} exited {errors.EXIT_PREEMPTED}{others})')
     if reason == 'timeout':
-      return (EXIT_TIMEOUT, 'timeout',
+      return (errors.EXIT_TIMEOUT, 'timeout',
               f'timeout: workers still running after {self.timeout:g}s; stopped them (exit '
-              f'{EXIT_TIMEOUT})')
+              f'{errors.EXIT_TIMEOUT})')
     if reason == 'signal':
       name = signal.Signals(self.signals[0]).name
-      bad = [w for w in exited if w.code not in (0, EXIT_PREEMPTED)]
-      if bad or abandoned:
-        if bad:
-          w = bad[0]
-          return (_exit_status(w.code), 'failed',
-                  f'stopped by {name}, but worker {w.index} ended with {describe_exit(w.code)} '
-                  'instead of saving a checkpoint')
-        return 1, 'failed', f'stopped by {name}, but some workers could not be reaped'
-      return (EXIT_PREEMPTED, 'signalled',
-              f'stopped by {name}; all workers exited 0 or {EXIT_PREEMPTED} (exit '
-              f'{EXIT_PREEMPTED}: the same command resumes from the checkpoint)')
-    return 0, 'ok', f'all {len(workers)} workers exited 0'
+      bad = [w for w in exited if w.code not in (0, errors.EXIT_PREEMPTED)]
+      if bad:
+        return (_exit_status(bad[0].code), 'failed',
+                f'stopped by {name}, but worker {bad[0].index} ended with '
+                f'{describe_exit(bad[0].code)} instead of saving a checkpoint')
+      if abandoned:
+        return (errors.EXIT_FAILED, 'failed',
+                f'stopped by {name}, but some workers could not be reaped')
+      return (errors.EXIT_PREEMPTED, 'signalled',
+              f'stopped by {name}; all workers exited 0 or {errors.EXIT_PREEMPTED} (exit '
+              f'{errors.EXIT_PREEMPTED}: the same command resumes from the checkpoint)')
+    return errors.EXIT_OK, 'ok', f'all {len(workers)} workers exited 0'
 
 
 def run_cluster(module=DEFAULT_MODULE, flags=(), num_workers=2, restarts=0, timeout=3600.0,
@@ -435,18 +420,15 @@ def run_cluster(module=DEFAULT_MODULE, flags=(), num_workers=2, restarts=0, time
     flags: arguments passed to every worker unchanged, plus
       `--config.runtime.strategy=multi_worker` if they set no strategy.
     num_workers: how many workers (>= 1); worker 0 is the chief.
-    restarts: how many times to relaunch the whole cluster (on new ports) when
-      it stopped because a worker was preempted (exited 75).
-    timeout: seconds for the whole run, restarts included; then every worker
-      is stopped and the result is 124.
+    restarts: how many times to relaunch the cluster (on new ports) after a
+      preemption.
+    timeout: seconds for the whole run, restarts included.
     grace_seconds: how long a worker may take to exit after SIGTERM before it
       gets SIGKILL.
     out: text stream for `[cluster]` and `[worker i]` lines (default sys.stdout).
 
   Returns:
-    0 if every worker exited 0; 75 if preempted (no restarts left) or stopped
-    by SIGINT/SIGTERM with every worker exiting 0 or 75; 124 on timeout; else
-    the exit code of the first worker that failed (1 if it died by a signal).
+    The cluster's exit status, as the module docstring lists them.
 
   SIGINT and SIGTERM handlers are installed while it runs (from the main
   thread only; elsewhere signals are left alone) and restored afterwards.

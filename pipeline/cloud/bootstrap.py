@@ -1,8 +1,9 @@
 """Bootstrap: a repo-local venv with the project installed, then run a command in it.
 
-This module is standard library only: it runs under the bare system `python3`
-of a fresh clone, before anything is installed. The README commands
-(`python3 -m launch.demo`, `python3 -m launch.test`) call `ensure()`, which
+This module (and pipeline.errors, which it uses) is standard library only: it
+runs under the bare system `python3` of a fresh clone, before anything is
+installed. The README commands (`python3 -m launch.demo`, `python3 -m
+launch.test`) call `ensure()`, which
 
   1. creates the venv (`python3 -m venv .venv`) if it has no python yet;
   2. runs `pip install -e .[cpu,test]` in it unless the stamp file inside the
@@ -21,8 +22,10 @@ import shutil
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYPROJECT = os.path.join(REPO_ROOT, 'pyproject.toml')
+import pipeline
+from pipeline import errors
+
+PYPROJECT = os.path.join(pipeline.ROOT, 'pyproject.toml')
 VENV_ENV = 'CHARLSTM_VENV'
 EXTRAS = 'cpu,test'
 STAMP_FILE = 'charlstm-deps.sha256'
@@ -34,15 +37,9 @@ def say(message):
   print(f'charlstm: {message}', file=sys.stderr, flush=True)
 
 
-def fail(message, exit_code=1):
-  """Prints a one-line error and exits non-zero."""
-  print(f'charlstm: error: {message}', file=sys.stderr, flush=True)
-  sys.exit(exit_code)
-
-
 def venv_dir():
   """The venv path: $CHARLSTM_VENV, else <repo>/.venv."""
-  path = os.environ.get(VENV_ENV) or os.path.join(REPO_ROOT, '.venv')
+  path = os.environ.get(VENV_ENV) or os.path.join(pipeline.ROOT, '.venv')
   return os.path.abspath(os.path.expanduser(path))
 
 
@@ -95,8 +92,8 @@ def _check_not_foreign(venv):
   if not os.path.isdir(venv) or os.path.exists(os.path.join(venv, 'pyvenv.cfg')):
     return
   if set(os.listdir(venv)) - {LOCK_FILE}:
-    fail(f'{venv} exists and is not a venv. Set {VENV_ENV} to a new directory '
-         '(or an existing venv) and re-run.')
+    errors.fail(f'{venv} exists and is not a venv. Set {VENV_ENV} to a new directory '
+                '(or an existing venv) and re-run.')
 
 
 def ensure_venv(venv):
@@ -105,8 +102,9 @@ def ensure_venv(venv):
   if os.path.exists(python):
     return python
   if sys.version_info < MIN_PYTHON:
-    fail(f'charlstm needs Python >= {".".join(map(str, MIN_PYTHON))}, but '
-         f'{sys.executable} is {sys.version.split()[0]}. Run the command with a newer python3.')
+    errors.fail(f'charlstm needs Python >= {".".join(map(str, MIN_PYTHON))}, but '
+                f'{sys.executable} is {sys.version.split()[0]}. Run the command with a newer '
+                'python3.')
   leftovers = sorted(set(os.listdir(venv)) - {LOCK_FILE})
   if leftovers:
     # A venv without a working python: interrupted creation, or its base
@@ -122,9 +120,9 @@ def ensure_venv(venv):
   say(f'creating {venv} ...')
   code = subprocess.call([sys.executable, '-m', 'venv', venv])
   if code or not os.path.exists(python):
-    fail(f'`{sys.executable} -m venv {venv}` failed (exit {code}). Install the venv '
-         'module (Debian/Ubuntu: `sudo apt-get install python3-venv`) or set '
-         f'{VENV_ENV} to a writable directory, then re-run.')
+    errors.fail(f'`{sys.executable} -m venv {venv}` failed (exit {code}). Install the venv '
+                'module (Debian/Ubuntu: `sudo apt-get install python3-venv`) or set '
+                f'{VENV_ENV} to a writable directory, then re-run.')
   return python
 
 
@@ -142,11 +140,11 @@ def ensure_deps(venv, extras=EXTRAS):
     say('installing dependencies (first run takes a few minutes) ...')
   code = subprocess.call(
       [python, '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check',
-       '-e', f'{REPO_ROOT}[{extras}]'], cwd=REPO_ROOT, env=_env())
+       '-e', f'{pipeline.ROOT}[{extras}]'], cwd=pipeline.ROOT, env=_env())
   if code:
-    fail(f'`pip install -e .[{extras}]` failed in {venv} (exit {code}); see pip\'s '
-         'message above. Fix its cause (network, disk space, proxy settings) and '
-         f're-run, or delete {venv} to start over.')
+    errors.fail(f'`pip install -e .[{extras}]` failed in {venv} (exit {code}); see pip\'s '
+                'message above. Fix its cause (network, disk space, proxy settings) and '
+                f're-run, or delete {venv} to start over.')
   tmp = f'{stamp}.tmp-{os.getpid()}'
   with open(tmp, 'w', encoding='utf-8') as f:
     f.write(want + '\n')
@@ -166,7 +164,7 @@ def ensure(extras=EXTRAS):
   try:
     os.makedirs(venv, exist_ok=True)
   except OSError as e:
-    fail(f'cannot create {venv}: {e.strerror}. Set {VENV_ENV} to a writable directory.')
+    errors.fail(f'cannot create {venv}: {e.strerror}. Set {VENV_ENV} to a writable directory.')
   with _Lock(os.path.join(venv, LOCK_FILE)):
     ensure_venv(venv)
     return ensure_deps(venv, extras)
@@ -184,7 +182,7 @@ def run(args, **kwargs):
   Ctrl-C reaches the child too (same process group); we wait for it to finish
   (launch.train checkpoints before stopping) and return its code.
   """
-  kwargs.setdefault('cwd', REPO_ROOT)
+  kwargs.setdefault('cwd', pipeline.ROOT)
   kwargs['env'] = _env(kwargs.get('env'))
   proc = subprocess.Popen([venv_python()] + list(args), **kwargs)  # pylint: disable=consider-using-with
   while True:
@@ -207,5 +205,5 @@ def exec_module(module, args=()):
   sys.stderr.flush()
   if os.name == 'nt':  # no real exec on Windows: wait and pass the exit code on
     sys.exit(run(argv[1:]))
-  os.chdir(REPO_ROOT)
+  os.chdir(pipeline.ROOT)
   os.execve(python, argv, _env())
