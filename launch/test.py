@@ -3,7 +3,7 @@ r"""README command 2: run the test suite in the project venv.
   python3 -m launch.test [pytest args]
 
 Runs with the bare system python3 of a fresh clone: it creates and fills
-./.venv on first use (pipeline/bootstrap.py), then replaces itself with
+./.venv on first use (pipeline/cloud/bootstrap.py), then replaces itself with
   python -m pytest tests -q [pytest args]
 in the venv, so the exit status is pytest's (5 means no tests were collected).
 Arguments naming test files or node ids replace `tests`, e.g.
