@@ -36,10 +36,10 @@ flags.mark_flag_as_required('dataset')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from pipeline import tfds_source  # pylint: disable=g-import-not-at-top
-  path = tfds_source.prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value,
+  from pipeline import source  # pylint: disable=g-import-not-at-top
+  path = source.prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value,
                              overwrite=_OVERWRITE.value, num_shards=_NUM_SHARDS.value)
-  name = tfds_source.dataset_name(_DATASET.value)
+  name = source.dataset_name(_DATASET.value)
   data_dir = f' --config.data.tfds_data_dir={_DATA_DIR.value}' if _DATA_DIR.value else ''
   print(f'Prepared {path}\nTrain on it with: --config.data.corpus=tfds:{name}{data_dir}')
 

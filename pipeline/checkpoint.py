@@ -20,20 +20,20 @@ from absl import logging
 
 from pipeline import errors
 from pipeline import storage
+from pipeline import workdir as workdir_lib
 
-CKPT_DIR = 'checkpoints'
-BEST_DIR = 'best'
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, relaunch resumes
+CKPT_DIR = workdir_lib.CKPT_DIR
+BEST_DIR = workdir_lib.BEST_DIR
 
 
 class Interrupted(errors.Error):
   """The run stopped after saving a checkpoint; the same command resumes it."""
-  exit_code = EXIT_PREEMPTED
+  exit_code = errors.EXIT_PREEMPTED
 
 
 class WorkerLost(errors.Error):
   """Another worker of the cluster stopped responding."""
-  exit_code = 1
+  exit_code = errors.EXIT_FAILED
 
 
 class Checkpointer:
@@ -61,6 +61,13 @@ class Checkpointer:
     if path:
       self.ckpt.restore(path).assert_existing_objects_matched()
     return path
+
+  def copy_vocab(self):
+    """Puts vocab.json beside the checkpoints, so a checkpoint dir alone can be exported."""
+    vocab = storage.join(self.workdir, workdir_lib.VOCAB_FILE)
+    for d in (CKPT_DIR, BEST_DIR):
+      storage.makedirs(storage.join(self.workdir, d))
+      storage.copy(vocab, storage.join(self.workdir, d, workdir_lib.VOCAB_FILE))
 
   @property
   def latest(self):

@@ -150,11 +150,13 @@ def _element(window, vocab_size, step, rows, reset):
 
 
 def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
-                 start_step=0, num_steps=None, reset_prob=0.0, shuffle=True):
+                 start_step=0, num_steps=None, reset_prob=0.0, shuffle=True,
+                 streamed=False):
   """Builds the dataset for one input pipeline.
 
   Args:
-    ids: 1-D uint8/uint16 numpy ids of the split.
+    ids: 1-D uint8/uint16 numpy ids of the split, or (streamed) a
+      source.StreamedSplit.
     vocab_size: V, the one-hot depth.
     layout: from make_layout for this split.
     input_context: tf.distribute.InputContext, or None for a single pipeline
@@ -164,6 +166,7 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
     num_steps: last step (exclusive); None repeats forever.
     reset_prob: stream mode, chance of zeroing a row's state per window.
     shuffle: shuffle mode only; False visits windows in text order (eval).
+    streamed: ids is read from TFDS shards (corpus.Corpus.streamed).
 
   Returns:
     A tf.data.Dataset of per-replica batches (see module docstring).
@@ -182,7 +185,7 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
   first_replica = input_context.input_pipeline_id * local
 
   t = layout.seq_length
-  if not isinstance(ids, np.ndarray):  # a tfds_source.StreamedSplit
+  if streamed:
     return _streamed_dataset(ids, vocab_size, layout, first_replica, local, per_replica,
                              seed=seed, start_step=start_step, num_steps=num_steps,
                              reset_prob=reset_prob)

@@ -22,15 +22,11 @@ from pipeline import errors
 from pipeline import corpus
 from pipeline import fused_lstm
 from pipeline import generate as generate_lib
-from pipeline import model as model_lib
 from pipeline import storage
+from pipeline import workdir as workdir_lib
 
 SERVING_NUM_CHARS = 200  # serving_default continuation length
 SERVING_TEMPERATURE = 0.8
-
-
-class ExportError(errors.Error):
-  """An export cannot be made; the message says which input is missing."""
 
 
 class CharLSTMModule(tf.Module):
@@ -138,29 +134,8 @@ def export_checkpoint(workdir, checkpoint='latest', export_dir=None):
   Returns:
     (export_dir, checkpoint path used).
   """
-  from pipeline import config as config_lib  # pylint: disable=g-import-not-at-top
-  from pipeline import train as train_lib  # pylint: disable=g-import-not-at-top
-  cfg_path = storage.join(workdir, train_lib.CONFIG_FILE)
-  if not storage.exists(cfg_path):
-    raise ExportError(f'{workdir} has no {train_lib.CONFIG_FILE}; is it a '
-                      'charlstm training workdir?')
-  cfg = config_lib.from_dict(storage.read_json(cfg_path))
-  vocab = corpus.Vocab.load(storage.join(workdir, corpus.VOCAB_FILE))
-  if checkpoint in ('latest', 'best'):
-    sub = train_lib.CKPT_DIR if checkpoint == 'latest' else train_lib.BEST_DIR
-    path = tf.train.latest_checkpoint(storage.join(workdir, sub))
-    if path is None:
-      raise ExportError(f'No {checkpoint} checkpoint in {storage.join(workdir, sub)}. '
-                        'Train first, or pass --checkpoint=PATH.')
-  else:
-    path = checkpoint
-    if not storage.exists(path + '.index'):
-      raise ExportError(f'Checkpoint {path!r} not found (no {path}.index).')
-  models = model_lib.build(vocab.size, cfg.model.hidden_size, cfg.model.num_layers,
-                           cfg.data.seq_length, cfg.runtime.precision)
-  status = tf.train.Checkpoint(model=models.checkpoint_weights()).read(path)
-  status.assert_existing_objects_matched().expect_partial()
-  export_dir = export_dir or storage.join(workdir, train_lib.EXPORT_DIR)
-  export_models(models, vocab, export_dir,
-                extra_assets={'config.json': cfg_path})
-  return export_dir, path
+  run = workdir_lib.open_run(workdir, checkpoint)
+  export_dir = export_dir or workdir_lib.path(workdir, workdir_lib.EXPORT_DIR)
+  export_models(run.models, run.vocab, export_dir, extra_assets={
+      workdir_lib.CONFIG_FILE: workdir_lib.path(workdir, workdir_lib.CONFIG_FILE)})
+  return export_dir, run.checkpoint

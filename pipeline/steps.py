@@ -17,9 +17,11 @@ XLA (`train.jit_compile`), chosen per device by `jit_mode`:
 import dataclasses
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from pipeline import distribute
 from pipeline import fused_lstm
 from pipeline import model as model_lib
 
@@ -203,3 +205,57 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
   if mode == 'loop':
     return Loops(train=lambda it, n: xla_train_loop(it, int(n)), eval=eval_loop)
   return Loops(train=lambda it, n: train_loop(it, tf.constant(n)), eval=eval_loop)
+
+
+@dataclasses.dataclass
+class Training:
+  """Everything a train loop drives, made by `setup`."""
+  models: model_lib.Models
+  optimizer: object
+  schedule: object  # the learning-rate schedule (for logging)
+  step: tf.Variable  # int64 global step; the loops advance it
+  best_val: tf.Variable  # best validation loss so far (the best/ checkpoint's)
+  train_state: tuple  # carried (h, c) of every training row
+  eval_state: tuple  # carried (h, c) of every validation stream
+  loops: Loops
+  jit_mode: str  # 'off', 'step' or 'loop' (see jit_mode)
+
+  def checkpoint(self):
+    """What a checkpoint holds: weights, optimizer, step, best loss, carried state."""
+    return tf.train.Checkpoint(
+        model=self.models.checkpoint_weights(), optimizer=self.optimizer, step=self.step,
+        best_val=self.best_val, h=self.train_state[0], c=self.train_state[1])
+
+
+def setup(config, strategy, vocab_size):
+  """Builds the models, optimizer, carried state and compiled loops of `config`.
+
+  Variables are made in `strategy.scope()`, so weights, Adam's slots and the
+  carried state are mirrored (or placed on the TPU) as the strategy wants.
+  Weights start from `config.seed`, so every caller starts from the same ones.
+  """
+  d, m, t, r = config.data, config.model, config.train, config.runtime
+  keras.utils.set_random_seed(config.seed)
+  with strategy.scope():
+    models = model_lib.build(vocab_size, m.hidden_size, m.num_layers, d.seq_length,
+                             r.precision, dropout=m.dropout)
+    cudnn_ok, why_not = model_lib.cudnn_report(models)
+    logging.info('LSTM %s the cuDNN kernel conditions%s.',
+                 'meets' if cudnn_ok else 'does not meet',
+                 '' if cudnn_ok else ': ' + '; '.join(why_not))
+    optimizer, schedule = make_optimizer(t, r.precision)
+    # Built inside the scope so Adam's slots are mirrored like the weights.
+    optimizer.build(models.train.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+    best_val = tf.Variable(np.inf, dtype=tf.float32, trainable=False, name='best_val')
+    train_state = tuple(state_variable(d.batch_size, m.num_layers, m.hidden_size, n)
+                        for n in 'hc')
+    eval_state = tuple(state_variable(d.eval_batch_size, m.num_layers, m.hidden_size,
+                                      'eval_' + n) for n in 'hc')
+  mode = jit_mode(t.jit_compile, strategy, distribute.has_gpu())
+  loops = build(strategy, models, optimizer, global_batch=d.batch_size,
+                stream=d.mode == 'stream', clip_norm=t.grad_clip_norm,
+                train_state=train_state, eval_state=eval_state, step_var=step, mode=mode,
+                seed=config.seed, fused=t.fused_lstm)
+  return Training(models, optimizer, schedule, step, best_val, train_state, eval_state,
+                  loops, mode)

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from pipeline import config as config_lib
 from pipeline import corpus as corpus_lib
+from pipeline import text as text_lib
 from pipeline import data as data_lib
 from tests.conftest import error_lines, run
 
@@ -38,7 +39,7 @@ def _reference(paths, decode_errors='strict'):
 
 def _check_same(path_arg, paths, chunk_bytes, decode_errors='strict'):
   text, chars, ids = _reference(paths, decode_errors)
-  got_text = corpus_lib.read_text(path_arg, decode_errors, chunk_bytes=chunk_bytes)
+  got_text = text_lib.read_text(path_arg, decode_errors, chunk_bytes=chunk_bytes)
   assert got_text == text
   vocab, got_ids = corpus_lib.encode(path_arg, decode_errors=decode_errors,
                                      chunk_bytes=chunk_bytes)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import corpus as corpus_lib
+from pipeline import text as text_lib
 
 
 def _write(path, text):
@@ -19,7 +20,7 @@ def _write(path, text):
 
 def test_read_text_single_file(tmp_path):
   path = _write(tmp_path / 'a.txt', 'To be, or not to be\nthat is the question.\n')
-  assert corpus_lib.read_text(path) == 'To be, or not to be\nthat is the question.\n'
+  assert text_lib.read_text(path) == 'To be, or not to be\nthat is the question.\n'
 
 
 def test_read_text_directory_joins_sorted_files_and_skips_dot_files(tmp_path):
@@ -28,7 +29,7 @@ def test_read_text_directory_joins_sorted_files_and_skips_dot_files(tmp_path):
   _write(d / 'a.txt', 'first')
   _write(d / '.a.txt.swp', 'editor junk')
   _write(d / '.DS_Store', 'finder junk')
-  assert corpus_lib.read_text(str(d)) == 'first\nsecond'
+  assert text_lib.read_text(str(d)) == 'first\nsecond'
 
 
 def test_read_text_directory_skips_hidden_directories(tmp_path):
@@ -37,26 +38,26 @@ def test_read_text_directory_skips_hidden_directories(tmp_path):
   d = tmp_path / 'corpus'
   _write(d / 'a.txt', 'text')
   _write(d / '.git' / 'HEAD', 'ref: refs/heads/main\n')
-  assert corpus_lib.read_text(str(d)) == 'text'
+  assert text_lib.read_text(str(d)) == 'text'
 
 
 def test_read_text_glob(tmp_path):
   _write(tmp_path / 'part-1.txt', 'one')
   _write(tmp_path / 'part-0.txt', 'zero')
   _write(tmp_path / 'notes.md', 'not matched')
-  assert corpus_lib.read_text(str(tmp_path / 'part-*.txt')) == 'zero\none'
+  assert text_lib.read_text(str(tmp_path / 'part-*.txt')) == 'zero\none'
 
 
 def test_read_text_gz(tmp_path):
   text = 'En un lugar de la Mancha, de cuyo nombre no quiero acordarme\n'
   path = tmp_path / 'q.txt.gz'
   path.write_bytes(gzip.compress(text.encode('utf-8')))
-  assert corpus_lib.read_text(str(path)) == text
+  assert text_lib.read_text(str(path)) == text
 
 
 def test_read_text_nfc_normalises_decomposed_characters(tmp_path):
   path = _write(tmp_path / 'a.txt', 'cafe\u0301 cafe\u0301')
-  text = corpus_lib.read_text(path)
+  text = text_lib.read_text(path)
   assert text == 'caf\u00e9 caf\u00e9'
   assert '\u0301' not in text
 

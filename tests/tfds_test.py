@@ -12,7 +12,8 @@ import pytest
 from conftest import CHILD_ENV, ROOT, error_lines, run
 from pipeline import config as config_lib
 from pipeline import corpus as corpus_lib
-from pipeline import tfds_source
+from pipeline import source
+from pipeline import text as text_lib
 
 tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
@@ -92,12 +93,12 @@ def test_examples_in_text_order(prepared):
   data_dir, _ = prepared
   builder_dir = data_dir / 'char_corpus' / 'tinyshakespeare' / '1.0.0'
   assert len(_examples(builder_dir, 'train')) == 17  # 1,059,624 chars in 65,536-char examples
-  _assert_in_order(builder_dir, corpus_lib.read_text(SHAKESPEARE))
+  _assert_in_order(builder_dir, text_lib.read_text(SHAKESPEARE))
 
 
 def test_quijote_in_text_order(tmp_path):
-  builder_dir = tfds_source.prepare('char_corpus/quijote', str(tmp_path))
-  _assert_in_order(builder_dir, corpus_lib.read_text(config_lib.bundled('quijote.txt.gz')))
+  builder_dir = source.prepare('char_corpus/quijote', str(tmp_path))
+  _assert_in_order(builder_dir, text_lib.read_text(config_lib.bundled('quijote.txt.gz')))
 
 
 def test_custom_from_manual_dir(tmp_path):
@@ -108,20 +109,27 @@ def test_custom_from_manual_dir(tmp_path):
   (manual / 'a.txt').write_text('First file: ß → ∑ 文字\n' * 2000, encoding='utf-8')
   (manual / '.hidden').write_text('skipped', encoding='utf-8')
   data_dir = tmp_path / 'tfds'
-  builder_dir = tfds_source.prepare('char_corpus/custom', str(data_dir), str(manual))
+  builder_dir = source.prepare('char_corpus/custom', str(data_dir), str(manual))
   assert builder_dir == str(data_dir / 'char_corpus' / 'custom' / '1.0.0')
-  text = corpus_lib.read_text(str(manual))
+  text = text_lib.read_text(str(manual))
   assert 'First file' in text.split('\n')[0] and 'café' in text and 'skipped' not in text
   assert len(text) > 1 << 16  # more than one train example
   _assert_in_order(builder_dir, text)
-  train, val = tfds_source.read_splits('tfds:char_corpus/custom', str(data_dir), 0.05)
+  train, val = source.read_splits('tfds:char_corpus/custom', str(data_dir), 0.05)
   assert train + val == text
+
+
+def _open_corpus(path, val_fraction, seq_length, **data):
+  """source.open_corpus, the entry training uses, for a data section with these keys."""
+  d = config_lib.base_config().data
+  d.update(corpus=path, val_fraction=val_fraction, seq_length=seq_length, **data)
+  return source.open_corpus(d)
 
 
 @pytest.mark.parametrize('val_fraction', [0.05, 0.01])
 def test_training_ids_match_text_path(prepared, val_fraction):
   data_dir, _ = prepared
-  via_tfds = corpus_lib.load(TFDS_SHAKESPEARE, val_fraction, 100, tfds_data_dir=str(data_dir))
+  via_tfds = _open_corpus(TFDS_SHAKESPEARE, val_fraction, 100, tfds_data_dir=str(data_dir))
   via_text = corpus_lib.load(SHAKESPEARE, val_fraction, 100)
   assert via_tfds.vocab == via_text.vocab
   assert via_tfds.train.dtype == via_text.train.dtype
@@ -134,7 +142,7 @@ def test_same_first_batches(prepared):
   data_dir, _ = prepared
   batches = []
   for path, kw in ((TFDS_SHAKESPEARE, {'tfds_data_dir': str(data_dir)}), (SHAKESPEARE, {})):
-    c = corpus_lib.load(path, 0.05, 32, **kw)
+    c = _open_corpus(path, 0.05, 32, **kw)
     layout = data_lib.make_layout(len(c.train), 32, 8, 'shuffle')
     ds = data_lib.make_dataset(c.train, c.vocab.size, layout, seed=3, num_steps=3)
     batches.append([{k: v.numpy() for k, v in b.items()} for b in ds])
@@ -166,7 +174,7 @@ def sharded(tmp_path_factory):
   """tinyshakespeare in 4,096-char examples and 3 shards per split, so each
   stream of a batch crosses example and shard ends."""
   data_dir = tmp_path_factory.mktemp('tfds_sharded')
-  module = tfds_source._builder_module()  # pylint: disable=protected-access
+  module = source._builder_module()  # pylint: disable=protected-access
   config = module.CharCorpusConfig(name='tinyshakespeare_4k', source='tinyshakespeare.txt.gz',
                                    chars_per_example=4096)
   builder = module.CharCorpus(config=config, data_dir=str(data_dir))
@@ -176,7 +184,7 @@ def sharded(tmp_path_factory):
 
 
 def test_streaming_reads_metadata_not_text(sharded):
-  vocab, train, val = tfds_source.open_streaming(TFDS_SMALL, sharded, 0.05)
+  vocab, train, val = source.open_streaming(TFDS_SMALL, sharded, 0.05)
   loaded = corpus_lib.load(SHAKESPEARE, 0.05, 100)
   assert vocab == loaded.vocab
   assert (len(train), len(val)) == (len(loaded.train), len(loaded.val))
@@ -188,9 +196,9 @@ def test_streaming_reads_metadata_not_text(sharded):
 @pytest.mark.parametrize('where', ['start', 'epoch_end', 'second_pipeline'])
 def test_streamed_batches_match_loaded(sharded, split, where):
   from pipeline import data as data_lib  # pylint: disable=g-import-not-at-top
-  vocab, *streamed = tfds_source.open_streaming(TFDS_SMALL, sharded, 0.05)
+  vocab, *streamed = source.open_streaming(TFDS_SMALL, sharded, 0.05)
   loaded = corpus_lib.load(SHAKESPEARE, 0.05, 100)
-  source, ids = (streamed[0], loaded.train) if split == 'train' else (streamed[1], loaded.val)
+  split_src, ids = (streamed[0], loaded.train) if split == 'train' else (streamed[1], loaded.val)
   layout = data_lib.make_layout(len(ids), 50, 8, 'stream')
   start, ctx = {'start': (0, None),
                 # crosses into the next epoch, where every row starts again
@@ -199,7 +207,8 @@ def test_streamed_batches_match_loaded(sharded, split, where):
                 'second_pipeline': (7, tf.distribute.InputContext(2, 1, 2))}[where]
   kw = dict(seed=1, start_step=start, num_steps=start + 4, reset_prob=0.3)
   want = list(data_lib.make_dataset(ids, vocab.size, layout, ctx, **kw).as_numpy_iterator())
-  got = list(data_lib.make_dataset(source, vocab.size, layout, ctx, **kw).as_numpy_iterator())
+  got = list(data_lib.make_dataset(split_src, vocab.size, layout, ctx, streamed=True,
+                                   **kw).as_numpy_iterator())
   assert len(got) == len(want) == 4
   for g, w in zip(got, want):
     assert g.keys() == w.keys()
@@ -256,10 +265,10 @@ def test_prepare_bad_input_names_the_fix(tmp_path):
   text = tmp_path / 'one.txt'
   text.write_text('some text\n' * 100, encoding='utf-8')
   with pytest.raises(corpus_lib.CorpusError, match='is a file; TFDS reads a directory'):
-    tfds_source.prepare('char_corpus/custom', str(tmp_path / 'tfds'), str(text))
+    source.prepare('char_corpus/custom', str(tmp_path / 'tfds'), str(text))
   with pytest.raises(corpus_lib.CorpusError,
                      match=r'Cannot cut char_corpus/tinyshakespeare into 5 shards.*lower '
                            r'--num_shards'):
-    tfds_source.prepare('char_corpus/tinyshakespeare', str(tmp_path / 'tfds'), num_shards=5)
+    source.prepare('char_corpus/tinyshakespeare', str(tmp_path / 'tfds'), num_shards=5)
   # TFDS writes into an incomplete.* directory and drops it on failure.
   assert not list((tmp_path / 'tfds' / 'char_corpus').glob('*/*1.0.0*'))

@@ -6,7 +6,7 @@ Configs:
   custom           your own UTF-8 text files, from the TFDS manual dir
                    (`download_config.manual_dir`; `launch.prepare --manual_dir`).
 
-The text is streamed by `pipeline.corpus.pieces` (never held whole, so a
+The text is streamed by `pipeline.text.pieces` (never held whole, so a
 corpus may be larger than memory), exactly as training reads a plain-text
 corpus: files in sorted path order (hidden ones skipped), joined
 with '\n', strict UTF-8, NFC-normalised. Splits follow `pipeline.corpus.split`:
@@ -39,9 +39,11 @@ import tensorflow_datasets as tfds
 _DATA_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
   from pipeline import corpus as corpus_lib
+  from pipeline import text as text_lib
 except ImportError:  # not installed: import it from the repository this file lives in
   sys.path.insert(0, os.path.dirname(_DATA_DIR))
   from pipeline import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from pipeline import text as text_lib  # pylint: disable=g-import-not-at-top
 
 DEFAULT_VAL_FRACTION = 0.05  # = pipeline.config: data.val_fraction
 DEFAULT_CHARS_PER_EXAMPLE = 1 << 16
@@ -118,7 +120,7 @@ class CharCorpus(tfds.core.GeneratorBasedBuilder):
       raise ValueError(f'chars_per_example must be >= 1, got {cfg.chars_per_example}.')
     source = self._source(dl_manager)
     total, seen = 0, set()
-    for _, piece in corpus_lib.pieces(source):
+    for _, piece in text_lib.pieces(source):
       total += len(piece)
       seen.update(piece)
     if not total:
@@ -141,7 +143,7 @@ class CharCorpus(tfds.core.GeneratorBasedBuilder):
     n = self.builder_config.chars_per_example
     pos, index, buf = 0, 0, []
     buffered = 0
-    for _, piece in corpus_lib.pieces(source):
+    for _, piece in text_lib.pieces(source):
       lo, hi = max(start - pos, 0), min(stop - pos, len(piece))
       pos += len(piece)
       if lo >= hi:

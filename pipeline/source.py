@@ -1,16 +1,20 @@
-"""TFDS corpora: `data.corpus=tfds:char_corpus/tinyshakespeare[:1.0.0]`.
+"""Where a corpus comes from: one entry, `open_corpus`, for every source.
+
+`data.corpus` names files (a file, directory or glob, local or gs://, read by
+`pipeline.corpus`) or a TFDS corpus `tfds:char_corpus/tinyshakespeare[:1.0.0]`.
+`open_corpus(config.data, vocab)` reads any of them and returns a
+`corpus.Corpus`; with `data.tfds_streaming` its splits are `StreamedSplit`s
+read from the shards while training, and `Corpus.streamed` says so.
 
 A TFDS corpus is a dataset prepared once (`prepare`, i.e.
-`python -m launch.prepare`) into a data dir, local or gs://, and read from
-there by `read_splits`, which returns the train and validation text that
-`pipeline.corpus.load` then encodes like any other corpus (same vocabulary
-rule: the sorted characters of train + validation). Reading needs only the
+`python -m launch.prepare`) into a data dir, local or gs://. Loaded, its train
+and validation text are encoded like any other corpus (same vocabulary rule:
+the sorted characters of train + validation). Reading needs only the
 prepared files, not the builder code. Nothing here touches the network: the
 builder declares no URLs and GCS downloads are turned off.
 
 tensorflow_datasets is imported lazily, here only, so runs on plain-text
-corpora never import it.
-"""
+corpora never import it."""
 
 import dataclasses
 import importlib.util
@@ -21,13 +25,43 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+import pipeline
 from pipeline import corpus as corpus_lib
 from pipeline import storage
 
 PREFIX = 'tfds:'
 BUILDER = 'char_corpus'
-_BUILDER_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', BUILDER)
+# Loaded by path, not imported: data/char_corpus imports pipeline.corpus, and
+# the wheel installs data/ beside pipeline/.
+_BUILDER_DIR = os.path.join(pipeline.ROOT, 'data', BUILDER)
+
+
+def open_corpus(data, vocab=None):
+  """The corpus that `data` (a config's `data` section) names, from any source.
+
+  Args:
+    data: config.data: corpus, tfds_data_dir, tfds_streaming, val_fraction,
+      seq_length, decode_errors, max_vocab.
+    vocab: the run's saved Vocab (resume, evaluation), or None to build one.
+
+  Returns:
+    A corpus.Corpus; `streamed` is True for data.tfds_streaming.
+  """
+  if data.tfds_streaming:  # shards read while training; the text is never loaded
+    vocab, train, val = open_streaming(data.corpus, data.tfds_data_dir, data.val_fraction,
+                                       vocab=vocab, max_vocab=data.max_vocab)
+  elif is_tfds(data.corpus):
+    # train + validation is the whole text; split() applies val_fraction as for a file.
+    text = ''.join(read_splits(data.corpus, data.tfds_data_dir, data.val_fraction))
+    vocab, ids = corpus_lib.encode_text(text, data.corpus, vocab, data.max_vocab)
+    del text
+    train, val = corpus_lib.split(ids, data.val_fraction)
+  else:
+    return corpus_lib.load(data.corpus, data.val_fraction, data.seq_length, vocab,
+                           decode_errors=data.decode_errors, max_vocab=data.max_vocab)
+  corpus_lib.check_lengths(data.corpus, train, val, data.seq_length)
+  return corpus_lib.Corpus(vocab=vocab, train=train, val=val,
+                           streamed=bool(data.tfds_streaming))
 
 
 def is_tfds(path):
