@@ -76,8 +76,13 @@ def _apply(lstms, dense, x, h, c, dropouts=(), noise=None):
   return dense(x), keras.ops.stack(hs, axis=1), keras.ops.stack(cs, axis=1)
 
 
-def build(vocab_size, hidden_size, num_layers, seq_length, precision='float32', dropout=0.0):
+def build(vocab_size, hidden_size, num_layers, seq_length, precision='float32', dropout=0.0,
+          use_cudnn='auto'):
   """Builds the train and step models (call inside strategy.scope()).
+
+  use_cudnn: Keras's LSTM switch. 'auto' takes the cuDNN kernel whenever a GPU
+  is visible; True fails loudly where it cannot (launch.doctor's GPU check);
+  False never emits the cuDNN op (exports, which must run on any CPU).
 
   dropout: rate applied to every LSTM layer's output sequence in training
   (between layers and before the logits), as in Zaremba et al. 2014's
@@ -90,7 +95,7 @@ def build(vocab_size, hidden_size, num_layers, seq_length, precision='float32', 
       keras.layers.LSTM(hidden_size, return_sequences=True, return_state=True,
                         activation='tanh', recurrent_activation='sigmoid',
                         recurrent_dropout=0.0, unroll=False, use_bias=True,
-                        dtype=policy, name=f'lstm_{i}')
+                        use_cudnn=use_cudnn, dtype=policy, name=f'lstm_{i}')
       for i in range(num_layers)
   ]
   # Logits (and so the softmax and the loss) stay float32 under bfloat16.

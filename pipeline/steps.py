@@ -227,8 +227,10 @@ class Training:
         best_val=self.best_val, h=self.train_state[0], c=self.train_state[1])
 
 
-def setup(config, strategy, vocab_size):
+def setup(config, strategy, vocab_size, use_cudnn='auto'):
   """Builds the models, optimizer, carried state and compiled loops of `config`.
+
+  use_cudnn: as for model.build (launch.doctor passes True on a GPU).
 
   Variables are made in `strategy.scope()`, so weights, Adam's slots and the
   carried state are mirrored (or placed on the TPU) as the strategy wants.
@@ -238,7 +240,7 @@ def setup(config, strategy, vocab_size):
   keras.utils.set_random_seed(config.seed)
   with strategy.scope():
     models = model_lib.build(vocab_size, m.hidden_size, m.num_layers, d.seq_length,
-                             r.precision, dropout=m.dropout)
+                             r.precision, dropout=m.dropout, use_cudnn=use_cudnn)
     cudnn_ok, why_not = model_lib.cudnn_report(models)
     logging.info('LSTM %s the cuDNN kernel conditions%s.',
                  'meets' if cudnn_ok else 'does not meet',
