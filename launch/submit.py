@@ -47,8 +47,9 @@ flags.mark_flags_as_required(['target', 'name', 'zone', 'bucket'])
 
 
 def main(argv):
-  from pipeline import submit  # pylint: disable=g-import-not-at-top
-  spec = submit.Spec(
+  from pipeline.cloud import execute  # pylint: disable=g-import-not-at-top
+  from pipeline.cloud import plan  # pylint: disable=g-import-not-at-top
+  spec = plan.Spec(
       target=_TARGET.value, name=_NAME.value, zone=_ZONE.value, bucket=_BUCKET.value,
       project=_PROJECT.value, accelerator_type=_ACCEL.value, runtime_version=_RUNTIME.value,
       machine_type=_MACHINE.value, gpu=_GPU.value, image_family=_IMAGE.value,
@@ -56,7 +57,7 @@ def main(argv):
       num_workers=_WORKERS.value, port=_PORT.value, create=_CREATE.value,
       delete_after=_DELETE.value, spot=_SPOT.value, restarts=_RESTARTS.value,
       run_id=_RUN_ID.value)
-  return submit.submit(spec, argv[1:], dry_run=_DRY_RUN.value)
+  return execute.submit(spec, argv[1:], dry_run=_DRY_RUN.value)
 
 
 if __name__ == '__main__':

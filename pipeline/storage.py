@@ -4,34 +4,25 @@ Local paths and `gs://` URLs therefore behave the same. Writes of small files
 go to a temporary name first and are renamed into place, so a crash never
 leaves a half-written config, vocabulary or export behind.
 
-Two layers:
+tf.io.gfile serves everything the train, export and sampler jobs read and
+write; TensorFlow's Checkpoint and SavedModel code write gs:// directly as
+well, never via local disk. The first time a process touches a gs:// bucket
+these functions check, in bounded time, that credentials exist and that the
+bucket does (`check_gcs_path`), so a missing login is one line instead of
+TensorFlow's long wait for the GCE metadata server.
 
-1. tf.io.gfile (the functions up to `rmtree`) for everything the train,
-   export and sampler jobs read and write; TensorFlow's Checkpoint and
-   SavedModel code write gs:// directly as well, never via local disk. The
-   first time a process touches a gs:// bucket these functions check, in
-   bounded time, that credentials exist and that the bucket does
-   (`check_gcs_path`), so a missing login is one line instead of
-   TensorFlow's long wait for the GCE metadata server.
-2. google-cloud-storage (imported lazily, from `gcs_client` on) for what
-   gfile does not do well: create or check a bucket, upload a corpus
-   directory or a staged code package, list the runs under a prefix and
-   download one.
-
-Both layers raise `StorageError` subclasses with one-line messages for
-missing credentials, a missing bucket and permission denied.
+What gfile does not do well (create or check a bucket, upload a corpus, list
+and download runs) is in pipeline/cloud/gcs.py, on google-cloud-storage; it
+raises the same `StorageError` subclasses, with one-line messages for missing
+credentials, a missing bucket and permission denied.
 """
 
-import contextlib
 import functools
 import gzip
-import hashlib
 import io
 import json
 import os
 import re
-import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import uuid
@@ -54,9 +45,21 @@ class GcsCredentialsError(StorageError):
 class GcsBucketNotFoundError(StorageError):
   """A gs:// path names a bucket that does not exist."""
 
+  def __init__(self, bucket, url):
+    super().__init__(
+        f'Bucket gs://{bucket} does not exist (from {url}). Create it with '
+        f'`gcloud storage buckets create gs://{bucket}` or '
+        f'pipeline.cloud.gcs.create_bucket({bucket!r}), or fix the path.')
+
 
 class GcsPermissionError(StorageError):
   """The credentials in use may not do what was asked on a gs:// path."""
+
+  def __init__(self, url, detail):
+    super().__init__(
+        f'Permission denied on {url} ({detail}). Give the account in use '
+        '(see `gcloud auth list`) roles/storage.objectAdmin on the bucket, or use '
+        'other credentials.')
 
 
 def is_gcs(path):
@@ -78,7 +81,7 @@ def _gcs_paths(fn):
     try:
       return fn(*args, **kwargs)
     except tf.errors.PermissionDeniedError as e:
-      raise GcsPermissionError(_permission_message(urls[0], _first_line(e))) from None
+      raise GcsPermissionError(urls[0], first_line(e)) from None
   return wrapper
 
 
@@ -211,7 +214,8 @@ def split_gcs(url):
   return bucket, prefix.strip('/')
 
 
-def _first_line(e):
+def first_line(e):
+  """The first non-empty line of an exception's message (300 characters at most)."""
   text = getattr(e, 'message', None) or str(e)
   line = next((l.strip() for l in str(text).splitlines() if l.strip()), type(e).__name__)
   return line[:300]
@@ -300,18 +304,6 @@ def gcs_credentials(url='gs://'):
       'credentials).')
 
 
-def _permission_message(url, detail):
-  return (f'Permission denied on {url} ({detail}). Give the account in use '
-          '(see `gcloud auth list`) roles/storage.objectAdmin on the bucket, or use '
-          'other credentials.')
-
-
-def _missing_bucket_message(bucket, url):
-  return (f'Bucket gs://{bucket} does not exist (from {url}). Create it with '
-          f'`gcloud storage buckets create gs://{bucket}` or '
-          f'pipeline.storage.create_bucket({bucket!r}), or fix the path.')
-
-
 def check_gcs_path(url):
   """Fails fast with one line if `url` (gs://...) cannot work: no credentials, or no bucket.
 
@@ -331,261 +323,5 @@ def check_gcs_path(url):
   except tf.errors.PermissionDeniedError:
     found = True
   if not found:
-    raise GcsBucketNotFoundError(_missing_bucket_message(bucket, url))
+    raise GcsBucketNotFoundError(bucket, url)
   _checked_buckets.add(bucket)
-
-
-# --- google-cloud-storage: buckets, uploads, runs ---------------------------
-
-def gcs_client(project=None):
-  """A google.cloud.storage.Client, or a one-line error saying why there is none.
-
-  With STORAGE_EMULATOR_HOST set (a local fake-gcs-server, as in the tests)
-  the client is anonymous. Otherwise credentials are found as by
-  `gcs_credentials` (bounded wait), then loaded with google.auth.default.
-  """
-  emulator = os.environ.get('STORAGE_EMULATOR_HOST')
-  source = None if emulator else gcs_credentials('Google Cloud Storage')
-  from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
-  if emulator:
-    from google.auth.credentials import AnonymousCredentials  # pylint: disable=g-import-not-at-top
-    return gcs.Client(project=project or os.environ.get('GOOGLE_CLOUD_PROJECT') or 'emulator',
-                      credentials=AnonymousCredentials())
-  if source == 'anonymous':
-    return gcs.Client.create_anonymous_client()
-  if source == 'GOOGLE_AUTH_TOKEN_FOR_TESTING':  # TensorFlow's test token; use it the same way
-    from google.oauth2 import credentials as oauth2  # pylint: disable=g-import-not-at-top
-    return gcs.Client(project=project or os.environ.get('GOOGLE_CLOUD_PROJECT'),
-                      credentials=oauth2.Credentials(os.environ[source]))
-  import google.auth  # pylint: disable=g-import-not-at-top
-  from google.auth import exceptions as auth_exceptions  # pylint: disable=g-import-not-at-top
-  try:
-    credentials, default_project = google.auth.default()
-  except auth_exceptions.GoogleAuthError as e:
-    raise GcsCredentialsError(
-        f'Google Cloud credentials from {source} cannot be used ({_first_line(e)}). '
-        'Run `gcloud auth application-default login`, or set '
-        'GOOGLE_APPLICATION_CREDENTIALS to a service-account key file.') from None
-  return gcs.Client(project=project or default_project, credentials=credentials)
-
-
-_CLIENT_RETRY_SECONDS = 30.0  # the client's default is 120 s of retries on network errors
-
-
-def _retry():
-  from google.cloud.storage import retry  # pylint: disable=g-import-not-at-top
-  return retry.DEFAULT_RETRY.with_timeout(_CLIENT_RETRY_SECONDS)
-
-
-@contextlib.contextmanager
-def _client_errors(url, missing=None):
-  """Turns google-cloud-storage failures on `url` into one-line StorageErrors.
-
-  `missing` is the message for a 404 (by default: the bucket does not exist).
-  """
-  from google.api_core import exceptions as api  # pylint: disable=g-import-not-at-top
-  from google.auth import exceptions as auth  # pylint: disable=g-import-not-at-top
-  import requests  # pylint: disable=g-import-not-at-top
-  try:
-    yield
-  except api.NotFound:
-    raise (StorageError(missing) if missing else
-           GcsBucketNotFoundError(_missing_bucket_message(split_gcs(url)[0], url))) from None
-  except api.Forbidden as e:
-    raise GcsPermissionError(_permission_message(url, _first_line(e))) from None
-  except (api.Unauthorized, auth.GoogleAuthError) as e:
-    raise GcsCredentialsError(
-        f'The Google Cloud credentials were refused for {url} ({_first_line(e)}). '
-        'Run `gcloud auth application-default login` again, or check '
-        'GOOGLE_APPLICATION_CREDENTIALS.') from None
-  except api.GoogleAPICallError as e:
-    raise StorageError(f'Google Cloud Storage failed on {url}: {_first_line(e)}') from None
-  except (api.RetryError, requests.exceptions.ConnectionError) as e:
-    cause = getattr(e, 'cause', None) or e  # RetryError: the last network error
-    raise StorageError(f'Cannot reach Google Cloud Storage for {url} ({_first_line(cause)}). '
-                       'Check the network (and STORAGE_EMULATOR_HOST, if set).') from None
-
-
-def create_bucket(bucket, location=None, project=None):
-  """Creates gs://bucket unless it exists; returns True if it was created.
-
-  Needs a project (the credentials' default, or `project`) on real GCS.
-  """
-  name, _ = split_gcs(bucket)
-  url = f'gs://{name}'
-  from google.api_core import exceptions as api  # pylint: disable=g-import-not-at-top
-  client = gcs_client(project)
-  with _client_errors(url):
-    if client.bucket(name).exists(retry=_retry()):
-      return False
-    try:
-      client.create_bucket(name, location=location, project=project, retry=_retry())
-    except api.Conflict as e:
-      raise StorageError(
-          f'Cannot create {url}: {_first_line(e)} Bucket names are global; pick '
-          'another name.') from None
-  _checked_buckets.add(name)
-  return True
-
-
-def check_bucket(bucket):
-  """Returns the bucket name if gs://bucket exists; raises GcsBucketNotFoundError if not."""
-  name, _ = split_gcs(bucket)
-  url = f'gs://{name}'
-  with _client_errors(url):
-    exists = gcs_client().bucket(name).exists(retry=_retry())
-  if not exists:
-    raise GcsBucketNotFoundError(_missing_bucket_message(name, url))
-  return name
-
-
-def _local_files(directory):
-  """Files under `directory`, relative, sorted; dot-names and __pycache__ skipped."""
-  out = []
-  for root, dirs, names in os.walk(directory):
-    dirs[:] = sorted(d for d in dirs if not d.startswith('.') and d != '__pycache__')
-    out.extend(os.path.relpath(os.path.join(root, n), directory)
-               for n in names if not n.startswith('.') and not n.endswith('.pyc'))
-  return sorted(out)
-
-
-def upload_file(local_path, url):
-  """Uploads one local file to the object `url` (gs://bucket/name); returns `url`."""
-  bucket, name = split_gcs(url)
-  if not name or url.endswith('/'):
-    raise StorageError(f'{url!r} names no object; give the full gs://bucket/path/file name.')
-  if not os.path.isfile(local_path):
-    raise StorageError(f'{local_path!r} is not a file.')
-  with _client_errors(url):
-    gcs_client().bucket(bucket).blob(name).upload_from_filename(local_path)
-  return url
-
-
-def upload_dir(local_dir, url):
-  """Uploads every file under `local_dir` to gs://bucket/prefix/<relative path>.
-
-  Hidden files and directories are skipped, as `expand` skips them when
-  reading a corpus. Returns the gs:// URLs written, sorted.
-  """
-  if not os.path.isdir(local_dir):
-    raise StorageError(f'{local_dir!r} is not a directory.')
-  files = _local_files(local_dir)
-  if not files:
-    raise StorageError(f'Directory {local_dir!r} holds no files to upload.')
-  bucket, prefix = split_gcs(url)
-  client = gcs_client()
-  out = []
-  with _client_errors(url):
-    b = client.bucket(bucket)
-    for rel in files:
-      name = '/'.join(p for p in (prefix, rel.replace(os.sep, '/')) if p)
-      b.blob(name).upload_from_filename(os.path.join(local_dir, rel))
-      out.append(f'gs://{bucket}/{name}')
-  return out
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# What a remote machine needs to `pip install` and run the jobs. README.md is
-# included because pyproject.toml names it as the package readme.
-CODE_PATHS = ('pipeline', 'launch', 'configs', 'data', 'pyproject.toml', 'README.md')
-
-
-def code_files(root=REPO_ROOT):
-  """The files of CODE_PATHS under `root`, relative and sorted per path: what a remote machine needs.
-
-  Dot-names, __pycache__ and .pyc files are left out (see `_local_files`).
-  """
-  files = []
-  for top in CODE_PATHS:
-    path = os.path.join(root, top)
-    if os.path.isdir(path):
-      files.extend(os.path.join(top, rel) for rel in _local_files(path))
-    elif os.path.isfile(path):
-      files.append(top)
-    else:
-      raise StorageError(f'Cannot stage the code: {path} is missing.')
-  return files
-
-
-def build_code_package(out_dir, root=REPO_ROOT):
-  """Writes charlstm-<digest>.tar.gz of CODE_PATHS under `root`; returns its path.
-
-  The digest covers the files' names, contents and executable bits, so the
-  same code gives the same name and an unchanged tree is not uploaded twice.
-  """
-  files = code_files(root)
-  digest = hashlib.sha256()
-  for rel in files:
-    full = os.path.join(root, rel)
-    with open(full, 'rb') as f:
-      data = f.read()
-    digest.update(f'{rel}\0{os.access(full, os.X_OK)}\0{len(data)}\0'.encode())
-    digest.update(data)
-  out = os.path.join(out_dir, f'charlstm-{digest.hexdigest()[:16]}.tar.gz')
-  with tarfile.open(out, 'w:gz') as tar:
-    for rel in files:
-      tar.add(os.path.join(root, rel), arcname=f'charlstm/{rel}', recursive=False)
-  return out
-
-
-def stage_code(url, root=REPO_ROOT):
-  """Uploads the code package (see build_code_package) under the gs:// prefix `url`.
-
-  Returns the package's gs:// URL; an identical package already there is kept.
-  On the remote machine: `gcloud storage cp URL . && tar xzf charlstm-*.tar.gz
-  && pip install -e ./charlstm[cpu]` (or [gpu], [tpu]).
-  """
-  bucket, prefix = split_gcs(url)
-  with tempfile.TemporaryDirectory(prefix='charlstm-stage-') as tmp:
-    package = build_code_package(tmp, root)
-    name = '/'.join(p for p in (prefix, os.path.basename(package)) if p)
-    dest = f'gs://{bucket}/{name}'
-    with _client_errors(dest):
-      blob = gcs_client().bucket(bucket).blob(name)
-      if not blob.exists(retry=_retry()):
-        blob.upload_from_filename(package, content_type='application/gzip')
-  return dest
-
-
-def list_runs(url):
-  """The charlstm runs directly under the gs:// prefix `url`, as sorted gs:// URLs.
-
-  A run is a directory holding the config.json that training writes first.
-  """
-  bucket, prefix = split_gcs(url)
-  base = f'{prefix}/' if prefix else ''
-  pattern = re.compile(re.escape(base) + r'([^/]+)/config\.json$')
-  runs = []
-  with _client_errors(url):
-    for blob in gcs_client().list_blobs(bucket, prefix=base, retry=_retry()):
-      m = pattern.match(blob.name)
-      if m:
-        runs.append(f'gs://{bucket}/{base}{m.group(1)}')
-  return sorted(runs)
-
-
-def download_run(url, local_dir):
-  """Downloads every object of the run at gs:// `url` into `local_dir`, keeping paths.
-
-  Returns the local paths written, sorted. Raises StorageError if `url` holds
-  no run (no config.json).
-  """
-  bucket, prefix = split_gcs(url)
-  if not prefix:
-    raise StorageError(f'{url!r} is a whole bucket; give the run, gs://{bucket}/RUN.')
-  base = prefix + '/'
-  client = gcs_client()
-  written = []
-  with _client_errors(url):
-    blobs = [b for b in client.list_blobs(bucket, prefix=base, retry=_retry())
-             if not b.name.endswith('/')]  # skip TF's directory placeholders
-    if not any(b.name == base + 'config.json' for b in blobs):
-      raise StorageError(
-          f'{url} holds no charlstm run (no config.json). See '
-          f'pipeline.storage.list_runs({f"gs://{bucket}"!r}) for the runs there.')
-    for blob in blobs:
-      local = os.path.join(local_dir, *blob.name[len(base):].split('/'))
-      os.makedirs(os.path.dirname(local), exist_ok=True)
-      blob.download_to_filename(local, retry=_retry())
-      written.append(local)
-  return sorted(written)

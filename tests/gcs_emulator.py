@@ -2,7 +2,7 @@
 
 Two clients talk to it:
 
-* google-cloud-storage (pipeline/storage.py's bucket, upload, list and
+* google-cloud-storage (pipeline/cloud/gcs.py's bucket, upload, list and
   download helpers) honours `STORAGE_EMULATOR_HOST` and talks to
   fake-gcs-server directly over HTTPS, trusting the test CA.
 * TensorFlow's gs:// filesystem has its endpoints compiled in
@@ -399,8 +399,8 @@ def serving(directory, bucket):
   saved = {k: os.environ.get(k) for k in emulator.client_env()}
   os.environ.update(emulator.client_env())
   try:
-    from pipeline import storage  # pylint: disable=g-import-not-at-top
-    storage.create_bucket(bucket)
+    from pipeline.cloud import gcs  # pylint: disable=g-import-not-at-top
+    gcs.create_bucket(bucket)
     yield emulator
   finally:
     for k, v in saved.items():

@@ -1,9 +1,10 @@
-"""pipeline/storage.py against a real local GCS: fake-gcs-server (tests/gcs_emulator.py).
+"""pipeline/storage.py and pipeline/cloud/gcs.py against a real local GCS: fake-gcs-server.
 
-google-cloud-storage runs in this process (STORAGE_EMULATOR_HOST). TensorFlow's
-gs:// filesystem runs in child processes, which reach the emulator through
-the TLS proxy (`GcsEmulator.tf_env`). The jobs are started as users start
-them: `python -m launch.train/export/sample` with gs:// paths.
+google-cloud-storage (pipeline/cloud/gcs.py) runs in this process
+(STORAGE_EMULATOR_HOST; tests/gcs_emulator.py). TensorFlow's gs:// filesystem
+(pipeline/storage.py) runs in child processes, which reach the emulator
+through the TLS proxy (`GcsEmulator.tf_env`). The jobs are started as users
+start them: `python -m launch.train/export/sample` with gs:// paths.
 """
 
 import gzip
@@ -13,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-import tarfile
 import textwrap
 import threading
 import time
@@ -21,6 +21,7 @@ import time
 import pytest
 
 from pipeline import storage
+from pipeline.cloud import gcs as gcs_lib
 from tests import gcs_emulator
 from tests.conftest import CHILD_ENV, ROOT, error_lines
 
@@ -35,7 +36,7 @@ def gcs(tmp_path_factory):
 
 
 def _client():
-  return storage.gcs_client()
+  return gcs_lib.gcs_client()
 
 
 def _names(prefix):
@@ -56,30 +57,30 @@ def _run_tf(gcs, args, timeout=240, check=True):
   return proc
 
 
-# --- the google-cloud-storage layer, in process --------------------------------
+# --- google-cloud-storage (pipeline/cloud/gcs.py), in process ------------------
 
 def test_create_bucket_is_idempotent_and_check_bucket_finds_it(gcs):
-  assert storage.create_bucket('gs://charlstm-made-here') is True
-  assert storage.create_bucket('charlstm-made-here') is False
-  assert storage.check_bucket('gs://charlstm-made-here/any/path') == 'charlstm-made-here'
+  assert gcs_lib.create_bucket('gs://charlstm-made-here') is True
+  assert gcs_lib.create_bucket('charlstm-made-here') is False
+  assert gcs_lib.check_bucket('gs://charlstm-made-here/any/path') == 'charlstm-made-here'
   assert 'charlstm-made-here' in [b.name for b in _client().list_buckets()]
 
 
 def test_missing_bucket_is_a_one_line_error(gcs):
   with pytest.raises(storage.GcsBucketNotFoundError) as e:
-    storage.check_bucket('gs://no-such-bucket/runs')
+    gcs_lib.check_bucket('gs://no-such-bucket/runs')
   message = str(e.value)
   assert 'gs://no-such-bucket does not exist' in message and '\n' not in message
   assert 'gcloud storage buckets create gs://no-such-bucket' in message
   with pytest.raises(storage.GcsBucketNotFoundError):
-    storage.upload_dir(str(ROOT / 'configs'), 'gs://no-such-bucket/x')
+    gcs_lib.upload_dir(str(ROOT / 'configs'), 'gs://no-such-bucket/x')
   with pytest.raises(storage.GcsBucketNotFoundError):
-    storage.list_runs('gs://no-such-bucket/runs')
+    gcs_lib.list_runs('gs://no-such-bucket/runs')
 
 
 def test_bad_bucket_name_is_refused_before_any_request(gcs):
   with pytest.raises(storage.StorageError, match='does not name a GCS bucket'):
-    storage.create_bucket('gs://Upper_Case!')
+    gcs_lib.create_bucket('gs://Upper_Case!')
 
 
 def test_upload_dir_skips_hidden_files(gcs, tmp_path):
@@ -89,7 +90,7 @@ def test_upload_dir_skips_hidden_files(gcs, tmp_path):
   (tmp_path / '.hidden').write_text('no')
   (tmp_path / '.git').mkdir()
   (tmp_path / '.git' / 'HEAD').write_text('no')
-  urls = storage.upload_dir(str(tmp_path), f'gs://{BUCKET}/corpora/mine')
+  urls = gcs_lib.upload_dir(str(tmp_path), f'gs://{BUCKET}/corpora/mine')
   assert urls == [f'gs://{BUCKET}/corpora/mine/a.txt', f'gs://{BUCKET}/corpora/mine/sub/b.txt']
   blob = _client().bucket(BUCKET).blob('corpora/mine/sub/b.txt')
   assert blob.download_as_bytes() == b'beta'
@@ -104,36 +105,20 @@ def test_list_runs_and_download_run(gcs, tmp_path):
                      'runs/notarun/loss.png': b'png',
                      'runs/r3/nested/config.json': b'{}'}.items():
     bucket.blob(name).upload_from_string(data)
-  assert storage.list_runs(f'gs://{BUCKET}/runs') == [f'gs://{BUCKET}/runs/r1',
-                                                        f'gs://{BUCKET}/runs/r2']
-  assert storage.list_runs(f'gs://{BUCKET}/runs/') == storage.list_runs(f'gs://{BUCKET}/runs')
-  assert storage.list_runs(f'gs://{BUCKET}/nothing-here') == []
+  assert gcs_lib.list_runs(f'gs://{BUCKET}/runs') == [f'gs://{BUCKET}/runs/r1',
+                                                      f'gs://{BUCKET}/runs/r2']
+  assert gcs_lib.list_runs(f'gs://{BUCKET}/runs/') == gcs_lib.list_runs(f'gs://{BUCKET}/runs')
+  assert gcs_lib.list_runs(f'gs://{BUCKET}/nothing-here') == []
 
   out = tmp_path / 'r1'
-  paths = storage.download_run(f'gs://{BUCKET}/runs/r1', str(out))
+  paths = gcs_lib.download_run(f'gs://{BUCKET}/runs/r1', str(out))
   assert paths == sorted(str(out / p) for p in
                          ('config.json', 'vocab.json', 'checkpoints/ckpt-5.index'))
   assert (out / 'checkpoints' / 'ckpt-5.index').read_bytes() == b'idx'
   assert json.loads((out / 'config.json').read_text()) == {'a': 1}
 
   with pytest.raises(storage.StorageError, match='holds no charlstm run'):
-    storage.download_run(f'gs://{BUCKET}/runs/notarun', str(tmp_path / 'x'))
-
-
-def test_stage_code_uploads_an_installable_package_once(gcs, tmp_path):
-  url = storage.stage_code(f'gs://{BUCKET}/staging')
-  assert url.startswith(f'gs://{BUCKET}/staging/charlstm-') and url.endswith('.tar.gz')
-  assert storage.stage_code(f'gs://{BUCKET}/staging') == url  # same code, same object
-  assert _names('staging/') == [url[len(f'gs://{BUCKET}/'):]]
-  local = tmp_path / 'code.tar.gz'
-  _client().bucket(BUCKET).blob(url.split('/', 3)[3]).download_to_filename(str(local))
-  with tarfile.open(local) as tar:
-    names = set(tar.getnames())
-  for needed in ('charlstm/pyproject.toml', 'charlstm/README.md',
-                 'charlstm/pipeline/storage.py', 'charlstm/launch/train.py',
-                 'charlstm/configs/shakespeare.py', 'charlstm/data/tinyshakespeare.txt.gz'):
-    assert needed in names
-  assert not [n for n in names if '__pycache__' in n or n.endswith('.pyc') or '/.' in n]
+    gcs_lib.download_run(f'gs://{BUCKET}/runs/notarun', str(tmp_path / 'x'))
 
 
 class _Forbidden(http.server.BaseHTTPRequestHandler):
@@ -161,7 +146,7 @@ def test_permission_denied_is_a_one_line_error(gcs, monkeypatch):
   try:
     monkeypatch.setenv('STORAGE_EMULATOR_HOST', f'http://127.0.0.1:{server.server_address[1]}')
     with pytest.raises(storage.GcsPermissionError) as e:
-      storage.list_runs(f'gs://{BUCKET}/runs')
+      gcs_lib.list_runs(f'gs://{BUCKET}/runs')
   finally:
     server.shutdown()
     server.server_close()
@@ -226,7 +211,7 @@ def test_train_export_sample_with_gs_workdir_and_corpus(gcs, tmp_path):
   corpus_dir.mkdir()
   (corpus_dir / 'tinyshakespeare.txt').write_bytes(
       gzip.decompress((ROOT / 'data' / 'tinyshakespeare.txt.gz').read_bytes()))
-  storage.upload_dir(str(corpus_dir), f'gs://{BUCKET}/corpus')
+  gcs_lib.upload_dir(str(corpus_dir), f'gs://{BUCKET}/corpus')
   workdir = f'gs://{BUCKET}/trained/smoke'
 
   _run_tf(gcs, ['-m', 'launch.train', '--config=configs/shakespeare.py:smoke',
@@ -250,7 +235,7 @@ def test_train_export_sample_with_gs_workdir_and_corpus(gcs, tmp_path):
   assert not [n for n in names if '.tmp-' in n or '.old-' in n]
   config = json.loads(_client().bucket(BUCKET).blob(run + 'config.json').download_as_bytes())
   assert config['data']['corpus'] == f'gs://{BUCKET}/corpus/tinyshakespeare.txt'
-  assert storage.list_runs(f'gs://{BUCKET}/trained') == [workdir]
+  assert gcs_lib.list_runs(f'gs://{BUCKET}/trained') == [workdir]
 
   # Re-export the best checkpoint to another gs:// directory, then sample from both.
   _run_tf(gcs, ['-m', 'launch.export', f'--workdir={workdir}', '--checkpoint=best',
@@ -272,7 +257,7 @@ def test_job_on_a_missing_bucket_is_a_one_line_error(gcs):
   assert error_lines(proc.stderr) == [
       'charlstm: error: Bucket gs://no-such-bucket does not exist (from '
       'gs://no-such-bucket/export). Create it with `gcloud storage buckets create '
-      "gs://no-such-bucket` or pipeline.storage.create_bucket('no-such-bucket'), "
+      "gs://no-such-bucket` or pipeline.cloud.gcs.create_bucket('no-such-bucket'), "
       'or fix the path.']
 
 
@@ -327,7 +312,7 @@ def test_client_without_credentials_fails_fast_in_process(tmp_path, monkeypatch,
   monkeypatch.setattr(storage, '_credentials', None)
   start = time.monotonic()
   with pytest.raises(storage.GcsCredentialsError) as e:
-    storage.check_bucket('gs://some-bucket')
+    gcs_lib.check_bucket('gs://some-bucket')
   assert time.monotonic() - start < 5
   assert 'within 1 s' in str(e.value) and '\n' not in str(e.value)
   assert os.environ['NO_GCE_CHECK'] == 'true'  # so TF and google-auth skip the wait too

@@ -3,12 +3,12 @@
 `make_plan` turns the flags into a `Plan`: the files to stage in
 gs://BUCKET/charlstm/<run-id>/ and every gcloud command, each an argument
 list. Nothing runs while planning, so `--dry_run` prints the plan with
-`shlex.join` (copy-pasteable) and stops. Otherwise `submit_run.execute`
+`shlex.join` (copy-pasteable) and stops. Otherwise `execute.execute`
 really does it:
 
   1. stage: build a wheel of this checkout, resolve the config (a config.py
      that rebuilds it exactly), upload both and any local corpus with
-     google-cloud-storage (pipeline/storage.py);
+     google-cloud-storage (pipeline/cloud/gcs.py);
   2. create the VM(s) if asked;
   3. install the wheel on every host (`--worker=all` on a TPU), then run
      launch.train, following its log; the run keeps going on the VM if this
@@ -16,7 +16,8 @@ really does it:
   4. with --delete_after, delete the VM(s) once the job has ended.
 
 The gcloud argument lists are built here, the shell scripts they run on the
-VMs in pipeline/remote.py, and pipeline/submit_run.py carries a plan out.
+VMs in pipeline/cloud/remote.py, and pipeline/cloud/execute.py carries a plan
+out (this module never imports it).
 BUILD.md ("Submit a run") says where TPU and GPU runs differ, and why.
 """
 
@@ -27,9 +28,10 @@ import re
 import shlex
 import time
 
-from pipeline import accelerators
+import pipeline
 from pipeline import errors
-from pipeline import remote
+from pipeline.cloud import accelerators
+from pipeline.cloud import remote
 
 TARGETS = ('tpu-vm', 'gpu-vm')
 LIBTPU_INDEX = 'https://storage.googleapis.com/libtpu-tf-releases/index.html'
@@ -43,11 +45,6 @@ _RUN_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$')
 
 class SubmitError(errors.Error):
   """launch.submit cannot go on; the message says why and what to do."""
-
-
-class CommandFailed(SubmitError):
-  """A gcloud command failed; its own output is above the message."""
-  exit_code = 1
 
 
 @dataclasses.dataclass
@@ -236,8 +233,8 @@ def _stage_corpus(config, run_url):
 
 
 def wheel_name(root=None):
-  """charlstm-<version>-py3-none-any.whl, from pyproject.toml (what `build_wheel` will make)."""
-  root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  """charlstm-<version>-py3-none-any.whl, from pyproject.toml (what `execute.build_wheel` makes)."""
+  root = root or pipeline.ROOT
   with open(os.path.join(root, 'pyproject.toml'), encoding='utf-8') as f:
     text = f.read()
   name = re.search(r'^name\s*=\s*"([^"]+)"', text, re.M).group(1)
@@ -392,13 +389,3 @@ def describe(plan):
     if parallel:
       lines.append('wait')
   return '\n'.join(lines + outputs(plan))
-
-
-def submit(spec, train_flags, dry_run=False, out=print):
-  """launch.submit's whole job: plan, then print it (dry run) or execute it; returns the exit code."""
-  plan = make_plan(spec, train_flags)
-  if dry_run:
-    out(describe(plan))
-    return 0
-  from pipeline import submit_run  # pylint: disable=g-import-not-at-top
-  return submit_run.execute(plan, out)

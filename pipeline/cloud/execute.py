@@ -1,9 +1,10 @@
 """The half of launch.submit that acts: check, stage, create, install, train, delete.
 
-`execute(plan)` carries out a `submit.Plan` in order. It checks gcloud and
-the credentials first, so a missing login is one line before anything is
-uploaded. Commands that target several hosts run at the same time, each
-output line prefixed with its host.
+`submit` is launch.submit's whole job: it makes the plan (pipeline/cloud/plan.py)
+and prints it for --dry_run, or hands it to `execute`, which carries out a
+`plan.Plan` in order. That checks gcloud and the credentials first, so a
+missing login is one line before anything is uploaded. Commands that target
+several hosts run at the same time, each output line prefixed with its host.
 """
 
 import glob
@@ -16,13 +17,31 @@ import tempfile
 import threading
 import time
 
-from pipeline import remote
-from pipeline import submit
+import pipeline
+from pipeline import errors
+from pipeline.cloud import plan as plan_lib
+from pipeline.cloud import remote
 
-EXIT_PREEMPTED = 75  # launch.train saved a checkpoint and stopped; the same run resumes
-EXIT_SSH = 255  # ssh lost the VM: it may be booting, or stopped (a preempted spot VM)
+# What a remote machine needs to `pip install` and run the jobs. README.md is
+# included because pyproject.toml names it as the package readme.
+CODE_PATHS = ('pipeline', 'launch', 'configs', 'data', 'pyproject.toml', 'README.md')
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 SSH_RETRIES = 5  # a VM that was just created may refuse ssh for a while (exit 255)
 SSH_RETRY_SECONDS = 20
+
+
+class CommandFailed(plan_lib.SubmitError):
+  """A gcloud command failed; its own output is above the message."""
+  exit_code = errors.EXIT_FAILED
+
+
+def submit(spec, train_flags, dry_run=False, out=print):
+  """launch.submit's whole job: plan, then print it (dry run) or execute it; returns the status."""
+  plan = plan_lib.make_plan(spec, train_flags)
+  if dry_run:
+    out(plan_lib.describe(plan))
+    return errors.EXIT_OK
+  return execute(plan, out)
 
 
 def preflight(spec):
@@ -32,7 +51,7 @@ def preflight(spec):
   application-default credentials (for the uploads), the bucket.
   """
   if not shutil.which('gcloud'):
-    raise submit.SubmitError(
+    raise plan_lib.SubmitError(
         'gcloud is not on PATH: install the Google Cloud CLI '
         '(https://cloud.google.com/sdk/docs/install), or pass --dry_run to print the commands '
         'without running them.')
@@ -41,16 +60,36 @@ def preflight(spec):
                               '--format=value(account)'], capture_output=True, text=True,
                              check=False, timeout=120).stdout.strip()
   except subprocess.TimeoutExpired:
-    raise submit.SubmitError('`gcloud auth list` did not answer within 120 s; check that '
-                             '`gcloud auth list` works in this shell.') from None
+    raise plan_lib.SubmitError('`gcloud auth list` did not answer within 120 s; check that '
+                               '`gcloud auth list` works in this shell.') from None
   if not account:
-    raise submit.SubmitError(
+    raise plan_lib.SubmitError(
         'gcloud has no active account, so it cannot create or reach VMs: run `gcloud auth '
         'login` (and `gcloud config set project PROJECT`, or pass --project).')
-  from pipeline import storage  # pylint: disable=g-import-not-at-top  # imports TensorFlow
+  # Not imported at the top: both import TensorFlow, which a dry run does without.
+  from pipeline import storage  # pylint: disable=g-import-not-at-top
+  from pipeline.cloud import gcs  # pylint: disable=g-import-not-at-top
   if not os.environ.get('STORAGE_EMULATOR_HOST'):
     storage.gcs_credentials(spec.bucket)  # the uploads use application-default credentials
-  storage.check_bucket(spec.bucket)
+  gcs.check_bucket(spec.bucket)
+
+
+def code_files():
+  """The files of CODE_PATHS in this checkout, relative, sorted per path: what the wheel holds.
+
+  Dot-names, __pycache__ and .pyc files are left out (see `gcs.local_files`).
+  """
+  from pipeline.cloud import gcs  # pylint: disable=g-import-not-at-top
+  files = []
+  for top in CODE_PATHS:
+    path = os.path.join(pipeline.ROOT, top)
+    if os.path.isdir(path):
+      files.extend(os.path.join(top, rel) for rel in gcs.local_files(path))
+    elif os.path.isfile(path):
+      files.append(top)
+    else:
+      raise plan_lib.SubmitError(f'Cannot build the wheel: {path} is missing.')
+  return files
 
 
 def build_wheel(out_dir):
@@ -59,18 +98,17 @@ def build_wheel(out_dir):
   A copy, because an in-tree build writes build/ and *.egg-info into the
   working tree. No build isolation: the local setuptools builds it offline.
   """
-  from pipeline import storage  # pylint: disable=g-import-not-at-top
   src = os.path.join(out_dir, 'src')
-  for rel in storage.code_files():
+  for rel in code_files():
     os.makedirs(os.path.dirname(os.path.join(src, rel)), exist_ok=True)
-    shutil.copy2(os.path.join(storage.REPO_ROOT, rel), os.path.join(src, rel))
+    shutil.copy2(os.path.join(pipeline.ROOT, rel), os.path.join(src, rel))
   proc = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps',
                          '--no-build-isolation', '--no-index', '-w', out_dir, src],
                         capture_output=True, text=True, check=False)
   wheels = glob.glob(os.path.join(out_dir, '*.whl'))
   if proc.returncode or len(wheels) != 1:
     detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['no wheel written']
-    raise submit.SubmitError(
+    raise plan_lib.SubmitError(
         f'Building the wheel failed ({detail[0]}); it needs setuptools>=64 and wheel in this '
         'python: `pip install "setuptools>=64" wheel`.')
   return wheels[0]
@@ -78,18 +116,19 @@ def build_wheel(out_dir):
 
 def stage(plan, out=print):
   """Builds the wheel and config.py, uploads them and the corpus; returns the URLs written."""
-  from pipeline import storage  # pylint: disable=g-import-not-at-top
+  from pipeline.cloud import gcs  # pylint: disable=g-import-not-at-top  # imports TensorFlow
   written = []
   with tempfile.TemporaryDirectory(prefix='charlstm-submit-') as tmp:
     wheel = build_wheel(tmp)
     if os.path.basename(wheel) != plan.wheel_name:
-      raise submit.SubmitError(f'Built {os.path.basename(wheel)}, but planned {plan.wheel_name}.')
+      raise plan_lib.SubmitError(
+          f'Built {os.path.basename(wheel)}, but planned {plan.wheel_name}.')
     config_py = os.path.join(tmp, 'config.py')
     with open(config_py, 'w', encoding='utf-8') as f:
       f.write(remote.config_py(plan.config, plan.run_id))
     for src, url in plan.uploads:
       local = {'<wheel>': wheel, '<config.py>': config_py}.get(src, src)
-      storage.upload_file(local, url)
+      gcs.upload_file(local, url)
       out(f'# uploaded {local} -> {url}')
       written.append(url)
   return written
@@ -106,7 +145,7 @@ def _run(argv, out, retry_ssh=False, prefix=None):
         for line in proc.stdout:
           out(prefix + line.rstrip('\n'))
       code = proc.returncode
-    if code != EXIT_SSH or not retry_ssh or attempt == SSH_RETRIES - 1:
+    if code != errors.EXIT_SSH or not retry_ssh or attempt == SSH_RETRIES - 1:
       return code
     out(f'# ssh failed (exit 255); the VM may still be booting: retry in {SSH_RETRY_SECONDS} s')
     time.sleep(SSH_RETRY_SECONDS)
@@ -135,17 +174,17 @@ def _run_all(commands, hosts, out, retry_ssh=False):
 def _checked(commands, hosts, out, retry_ssh=False):
   for argv, code in zip(commands, _run_all(commands, hosts, out, retry_ssh)):
     if code:
-      raise submit.CommandFailed(f'`{shlex.join(argv[:6])} ...` failed with exit code {code} '
-                                 '(its output is above).')
+      raise CommandFailed(f'`{shlex.join(argv[:6])} ...` failed with exit code {code} '
+                          '(its output is above).')
 
 
 def _job_status(codes):
   """One exit status for a job on several hosts: 0; the first real failure; else 255 or 75."""
   bad = [c for c in codes if c != 0]
   for c in bad:
-    if c not in (EXIT_PREEMPTED, EXIT_SSH):
+    if c not in (errors.EXIT_PREEMPTED, errors.EXIT_SSH):
       return c
-  return EXIT_SSH if EXIT_SSH in bad else bad[0] if bad else 0
+  return errors.EXIT_SSH if errors.EXIT_SSH in bad else bad[0] if bad else errors.EXIT_OK
 
 
 def execute(plan, out=print):
@@ -169,14 +208,14 @@ def execute(plan, out=print):
       _checked([argv], hosts, out)
     vm_exists = True
     _checked(plan.setup, hosts, out, retry_ssh=True)
-    for line in submit.outputs(plan):
+    for line in plan_lib.outputs(plan):
       out(line)
     for attempt in range(plan.spec.restarts + 1):
       # A relaunch waits for ssh (a restarted VM boots) and follows the job if it still runs.
       code = _job_status(_run_all(plan.train, hosts, out, retry_ssh=attempt > 0))
-      if code not in (EXIT_PREEMPTED, EXIT_SSH) or attempt == plan.spec.restarts:
+      if code not in (errors.EXIT_PREEMPTED, errors.EXIT_SSH) or attempt == plan.spec.restarts:
         break
-      why = ('was preempted after saving a checkpoint' if code == EXIT_PREEMPTED else
+      why = ('was preempted after saving a checkpoint' if code == errors.EXIT_PREEMPTED else
              'lost its ssh connection (exit 255; a spot VM may have been preempted)')
       out(f'# the job {why}: relaunch {attempt + 1}/{plan.spec.restarts}; it resumes from '
           f'{plan.workdir}/checkpoints, or is followed if it still runs')
@@ -187,14 +226,14 @@ def execute(plan, out=print):
         shlex.join(plan.follow))
     for argv in plan.delete:
       out(f'# not deleted; when the job is done: {shlex.join(argv)}')
-    return 130
-  except submit.CommandFailed:
+    return EXIT_INTERRUPTED
+  except CommandFailed:
     if vm_exists:
       _delete(plan, out)  # with --delete_after a failed install must not leave VMs running
     raise
   out(f'# the job ended with exit code {code}' +
       (f'; resume it with the same command and --run_id={plan.run_id} (plus --create if '
-       'the VM is gone)' if code in (EXIT_PREEMPTED, EXIT_SSH) else ''))
+       'the VM is gone)' if code in (errors.EXIT_PREEMPTED, errors.EXIT_SSH) else ''))
   _delete(plan, out)
   return code
 
