@@ -67,7 +67,8 @@ def base_config():
   c.train.sample_length = 200  # Characters printed per sample during training.
   c.train.sample_temperature = 0.8  # Temperature of those samples.
   c.train.sample_prompt = ''  # Prompt of those samples ('' starts from zero state).
-  c.train.jit_compile = False  # XLA-compile the forward/backward step (TPU proxy on CPU).
+  c.train.jit_compile = False  # XLA on CPU: compile the whole loop (one replica) or forward/backward (several); GPUs ignore it.
+  c.train.tpu_proxy = False  # CPU: compile each step exactly as a TPU does (XLA over the whole replica step, Keras's LSTM, bfloat16 inputs fed per step).
   c.train.fused_lstm = True  # CPU: the train step runs each LSTM layer as pipeline.fused_lstm (Keras's math, a 1.2-1.6x faster gradient); False: Keras's own loop.
   c.train.export = True  # Export a SavedModel to <workdir>/export when training ends.
 
@@ -140,6 +141,10 @@ def validate(c):
   _check(r.precision in PRECISIONS,
          f'runtime.precision must be one of {PRECISIONS}, got {r.precision!r}.')
   _check(r.cpu_devices >= 1, 'runtime.cpu_devices must be >= 1.')
+  _check(not t.tpu_proxy or (r.strategy in ('auto', 'cpu') and r.cpu_devices == 1),
+         'train.tpu_proxy compiles the TPU step on one CPU replica; set '
+         '--config.runtime.strategy=cpu and runtime.cpu_devices=1, or drop train.tpu_proxy '
+         '(on a TPU, training compiles the step itself).')
 
 
 def to_json(config):

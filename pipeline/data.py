@@ -12,8 +12,9 @@ Two modes:
   stream: the text is cut into B contiguous streams (char-rnn); row b of step
     k+1 continues row b of step k, so the train loop carries (h, c).
 
-Each element is a dict:
-  inputs  float32 (b, T, V) one-hot characters,
+Each element is a dict, every shape fully static (a TPU compiles for one):
+  inputs  uint8   (b, T, V) one-hot characters (bfloat16 for TPUs): one byte
+          per vocabulary entry on the way to the device; the step casts it,
   targets int32   (b, T) next-character ids,
   rows    int32   (b,) global row ids (which slice of carried state to use),
   reset   float32 (b,) 1 where the row starts from zero state,
@@ -138,10 +139,10 @@ def _starts_and_reset(layout, step, rows, seed, reset_prob, shuffle):
   return starts, tf.maximum(random_reset, epoch_start)
 
 
-def _element(window, vocab_size, step, rows, reset):
+def _element(window, vocab_size, step, rows, reset, input_dtype):
   """One per-replica batch (see the module docstring) from int32 windows of T + 1 ids."""
   return {
-      'inputs': tf.one_hot(window[:, :-1], vocab_size, dtype=tf.float32),
+      'inputs': tf.one_hot(window[:, :-1], vocab_size, dtype=input_dtype),
       'targets': window[:, 1:],
       'rows': tf.cast(rows, tf.int32),
       'reset': reset,
@@ -151,7 +152,7 @@ def _element(window, vocab_size, step, rows, reset):
 
 def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
                  start_step=0, num_steps=None, reset_prob=0.0, shuffle=True,
-                 streamed=False):
+                 streamed=False, input_dtype=tf.uint8):
   """Builds the dataset for one input pipeline.
 
   Args:
@@ -167,6 +168,8 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
     reset_prob: stream mode, chance of zeroing a row's state per window.
     shuffle: shuffle mode only; False visits windows in text order (eval).
     streamed: ids is read from TFDS shards (corpus.Corpus.streamed).
+    input_dtype: of the one-hot inputs; uint8, or bfloat16 for TPUs
+      (steps.input_dtype). Either way 0 and 1 are exact.
 
   Returns:
     A tf.data.Dataset of per-replica batches (see module docstring).
@@ -188,7 +191,7 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
   if streamed:
     return _streamed_dataset(ids, vocab_size, layout, first_replica, local, per_replica,
                              seed=seed, start_step=start_step, num_steps=num_steps,
-                             reset_prob=reset_prob)
+                             reset_prob=reset_prob, input_dtype=input_dtype)
   ids_t = _ids_tensor(ids)  # captured by to_batch: shared with numpy, not copied
 
   def to_batch(flat):
@@ -200,7 +203,7 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
     rows = replica * per_replica + tf.range(per_replica, dtype=tf.int64)
     starts, reset = _starts_and_reset(layout, step, rows, seed, reset_prob, shuffle)
     window = tf.gather(ids_t, starts[:, None] + tf.range(t + 1, dtype=tf.int64))
-    return _element(tf.cast(window, tf.int32), vocab_size, step, rows, reset)
+    return _element(tf.cast(window, tf.int32), vocab_size, step, rows, reset, input_dtype)
 
   if num_steps is None:
     flat = tf.data.Dataset.range(start_step * local * per_replica, np.iinfo(np.int64).max)
@@ -227,7 +230,8 @@ def _row_windows(source, first, stop, t):
   def pair(state, chunk):
     prev, ready = state
     # Window k is chunk k and the first id of chunk k + 1 (the last target).
-    window = tf.concat([prev, chunk[:1]], 0)
+    # Static [t + 1]: the concat alone has an unknown length, which a TPU rejects.
+    window = tf.ensure_shape(tf.concat([prev, chunk[:1]], 0), [t + 1])
     chunk = tf.pad(chunk, [[0, t - tf.shape(chunk)[0]]])
     return (tf.ensure_shape(chunk, [t]), True), (window, ready)
 
@@ -236,7 +240,7 @@ def _row_windows(source, first, stop, t):
 
 
 def _streamed_dataset(source, vocab_size, layout, first_replica, local, per_replica, *,
-                      seed, start_step, num_steps, reset_prob):
+                      seed, start_step, num_steps, reset_prob, input_dtype):
   """Stream mode read from TFDS shards (data.tfds_streaming): the same batches as
   make_dataset on the loaded ids, without the text in memory.
 
@@ -268,7 +272,7 @@ def _streamed_dataset(source, vocab_size, layout, first_replica, local, per_repl
     replica = first_replica + j % local
     rows = replica * per_replica + tf.range(per_replica, dtype=tf.int64)
     _, reset = _starts_and_reset(layout, step, rows, seed, reset_prob, False)
-    return _element(window, vocab_size, step, rows, reset)
+    return _element(window, vocab_size, step, rows, reset, input_dtype)
 
   ds = ds.enumerate().map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)

@@ -11,6 +11,7 @@
 
 import dataclasses
 import glob
+import importlib.util
 import json
 import os
 
@@ -48,18 +49,48 @@ def configure_devices(cpu_devices):
             'process.') from None
 
 
-def _tpu_attached():
-  """Whether this host looks like a TPU VM (devices may only be listed after init)."""
-  return bool(tf.config.list_logical_devices('TPU') or glob.glob('/dev/accel*')
-              or os.environ.get('TPU_NAME') or os.environ.get('TPU_ACCELERATOR_TYPE'))
+# Set on Cloud TPU VMs (by the VM image or the TPU runtime); any of them says
+# the host was made as a TPU host.
+TPU_ENV_VARS = ('TPU_NAME', 'TPU_ACCELERATOR_TYPE', 'TPU_WORKER_ID', 'TPU_WORKER_HOSTNAMES',
+                'TPU_CHIPS_PER_HOST_BOUNDS', 'TPU_HOST_BOUNDS', 'TPU_SKIP_MDS_QUERY')
+DEV_DIR_ENV = 'CHARLSTM_DEV_DIR'  # where device nodes are looked for (default /dev; tests)
 
 
-def _tpu_strategy(tpu):
+def tpu_evidence(environ=None, dev_dir=None):
+  """What says this host has a TPU: a list of reasons, empty if nothing does.
+
+  TensorFlow's own discovery is the surest sign, but the TPU platform only
+  lists its devices once it is initialised, so the host is also read
+  directly. v2-v4 TPU VMs expose /dev/accel*; v5e and v6e expose VFIO groups
+  (/dev/vfio/<n>), which passthrough GPUs have too, so device nodes count only
+  together with a TPU environment variable or an installed libtpu.
+  """
+  environ = os.environ if environ is None else environ
+  dev = dev_dir or environ.get(DEV_DIR_ENV) or '/dev'
+  reasons = [f'TensorFlow lists {d.name}' for d in
+             tf.config.list_physical_devices('TPU') + tf.config.list_logical_devices('TPU')]
+  if reasons:
+    return reasons[:1]
+  nodes = sorted(glob.glob(os.path.join(dev, 'accel*')) + [
+      p for p in glob.glob(os.path.join(dev, 'vfio', '*')) if os.path.basename(p).isdigit()])
+  env = [f'{k}={environ[k]}' for k in TPU_ENV_VARS if environ.get(k)]
+  libtpu = importlib.util.find_spec('libtpu') is not None
+  if nodes and (env or libtpu):
+    return [', '.join(nodes[:2]) + ('...' if len(nodes) > 2 else '')] + env[:2] + (
+        ['libtpu installed'] if libtpu else [])
+  return []
+
+
+def _tpu_strategy(tpu, found=None):
   # Without a TPU, TF 2.21 fails deep inside TPUStrategy with a bare IndexError,
   # so initialise first and check the devices, and name the flags on failure.
   hint = ('Run on a Cloud TPU VM with tensorflow-tpu installed, set '
           '--config.runtime.tpu=<name> for a TPU reached over the network, or pick '
           '--config.runtime.strategy=cpu|gpu|auto.')
+  if found:  # auto chose the TPU; say why, so a host that only looks like one is clear
+    hint = (f'runtime.strategy=auto chose the TPU because of: {"; ".join(found)}. '
+            'Is tensorflow-tpu installed (pip install -e .[tpu])? Or pick '
+            '--config.runtime.strategy=cpu|gpu.')
   try:
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
     if tpu not in ('', 'local'):
@@ -100,8 +131,10 @@ def make_strategy(runtime):
   else:
     configure_devices(runtime.cpu_devices)
     gpus = tf.config.list_logical_devices('GPU')
+    found = None
     if name == 'auto':
-      if _tpu_attached():
+      found = tpu_evidence()
+      if found:  # never fall back to the host CPU in silence on a TPU VM
         name = 'tpu'
       elif gpus:
         name = 'mirrored' if len(gpus) > 1 else 'gpu'
@@ -122,7 +155,7 @@ def make_strategy(runtime):
       strategy = tf.distribute.MirroredStrategy(
           devices, cross_device_ops=None if gpus else tf.distribute.ReductionToOneDevice())
     elif name == 'tpu':
-      strategy = _tpu_strategy(runtime.tpu)
+      strategy = _tpu_strategy(runtime.tpu, found)
     else:
       raise StrategyError(f'Unknown runtime.strategy {name!r}.')
   logging.info('Strategy %s with %d replica(s): %s', name,

@@ -42,7 +42,7 @@ def evaluate(workdir, checkpoint='latest', batch_size=None):
 
   @tf.function
   def batch_loss(inputs, targets, h, c):
-    logits, h, c = models.train([inputs, h, c], training=False)
+    logits, h, c = models.train([tf.cast(inputs, tf.float32), h, c], training=False)
     return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)), h, c
 
   out = {'step': run.step}

@@ -3,15 +3,22 @@
 Each replica runs `replica_step` through `strategy.run`; `train.steps_per_loop`
 of them run inside one tf.function call, so the host wakes up once per loop.
 
-XLA (`train.jit_compile`), chosen per device by `jit_mode`:
-  'loop'  one replica on CPU: the whole loop (forward, backward, all-reduce,
-          Adam, carried state) is one XLA cluster; the host only stacks the
-          loop's batches, because IteratorGetNext has no XLA kernel. This is the
-          TPU proxy: it proves static shapes and no host round-trips.
+XLA (`train.jit_compile`, `train.tpu_proxy`), chosen per device by `jit_mode`:
+  'replica' the TPU proxy (train.tpu_proxy, one CPU replica): each step's
+          whole replica function (forward, backward, all-reduce, clipping,
+          Adam, carried state) is one XLA program over Keras's LSTM, fed one
+          batch per step from the distributed iterator: what TPUStrategy
+          compiles and runs. It proves static shapes and XLA-compatible ops.
+  'loop'  one replica on CPU: the whole loop is one XLA cluster; the host
+          stacks the loop's batches (IteratorGetNext has no XLA kernel). A CPU
+          speed mode: it compiles the fused CPU LSTM, not what a TPU runs.
   'step'  several replicas: XLA over forward/backward only (XLA over Keras's
           apply_gradients fails under MirroredStrategy in TF 2.21).
   'off'   GPUs: cuDNN's fused LSTM is not XLA-compatible, and cuDNN wins; TPUs
           compile the whole replica function anyway.
+
+Inputs arrive one-hot in `input_dtype` (one byte per vocabulary entry, two
+on a TPU) and are cast inside the step, on the device.
 """
 
 import dataclasses
@@ -49,14 +56,32 @@ def make_optimizer(train_cfg, precision='float32'):
         warmup_steps=train_cfg.warmup_steps)
   else:
     sched = keras.optimizers.schedules.CosineDecay(lr, decay_steps, alpha=alpha)
-  opt = _PreReducedAdam(learning_rate=sched)
+  # The class's snake-cased default name, '__pre_reduced_adam', is no valid root name
+  # scope in a nested XLA function (the TPU proxy's replica step).
+  opt = _PreReducedAdam(learning_rate=sched, name='adam')
   if precision == 'float16':
     opt = keras.optimizers.LossScaleOptimizer(opt)
   return opt, sched
 
 
-def jit_mode(jit_compile, strategy, has_gpu):
-  """Picks 'off', 'step' or 'loop' for this device and says why."""
+def input_dtype(strategy, tpu_proxy=False):
+  """uint8 one-hot inputs; bfloat16 for TPUs (and their proxy), which the TPU takes natively."""
+  if tpu_proxy or isinstance(strategy, tf.distribute.TPUStrategy):
+    return tf.bfloat16
+  return tf.uint8
+
+
+def jit_mode(jit_compile, strategy, has_gpu, tpu_proxy=False):
+  """Picks 'off', 'replica', 'step' or 'loop' for this device and says why."""
+  if tpu_proxy:
+    if has_gpu or strategy.num_replicas_in_sync != 1 or isinstance(
+        strategy, tf.distribute.TPUStrategy):
+      raise distribute.StrategyError(
+          'train.tpu_proxy compiles the TPU step on one CPU replica, but this run has '
+          f'{strategy.num_replicas_in_sync} replica(s){" and a GPU" if has_gpu else ""}. '
+          'Drop train.tpu_proxy, or set --config.runtime.strategy=cpu.')
+    logging.info('XLA: the TPU proxy, one compiled replica step per batch, Keras LSTM.')
+    return 'replica'
   if not jit_compile:
     return 'off'
   if has_gpu:
@@ -108,6 +133,8 @@ def _carry_out(state_vars, batch, new_states):
 class Loops:
   train: object  # (iterator, n) -> mean train loss over the n steps (nats/char)
   eval: object  # (iterator, n) -> summed validation loss (nats)
+  step: object = None  # one replica's step (batch) -> loss; XLA-compiled in 'replica' mode
+  fused: bool = False  # whether the train step runs the LSTMs as pipeline.fused_lstm
 
 
 def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
@@ -122,8 +149,8 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
   num_layers = len(models.lstms)
   hidden = models.lstms[0].units
   scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-  fused = fused and not tf.config.list_logical_devices('GPU') and not isinstance(
-      strategy, tf.distribute.TPUStrategy)
+  fused = fused and mode != 'replica' and not tf.config.list_logical_devices(
+      'GPU') and not isinstance(strategy, tf.distribute.TPUStrategy)
 
   def forward_backward(inputs, targets, h, c, noise):
     with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused):
@@ -144,7 +171,8 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
     else:
       h, c = model_lib.zero_state(tf.shape(batch['targets'])[0], num_layers, hidden)
     noise = model_lib.dropout_noise(models, batch, seed, training=True)
-    grads, loss, h2, c2 = forward_backward(batch['inputs'], batch['targets'], h, c, noise)
+    inputs = tf.cast(batch['inputs'], tf.float32)  # on the device: the feed stays narrow
+    grads, loss, h2, c2 = forward_backward(inputs, batch['targets'], h, c, noise)
     grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
     if clip_norm > 0:
       # Norm clipping commutes with loss scaling: clip the scaled grads at scale * norm.
@@ -155,11 +183,14 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
       _carry_out(train_state, batch, (h2, c2))
     return loss
 
+  # The TPU proxy: XLA over each whole replica step, as TPUStrategy compiles it.
+  run_step = tf.function(replica_step, jit_compile=True) if mode == 'replica' else replica_step
+
   @tf.function
   def train_loop(iterator, n):
     total = tf.constant(0.0)
     for _ in tf.range(n):
-      loss = strategy.run(replica_step, args=(next(iterator),))
+      loss = strategy.run(run_step, args=(next(iterator),))
       total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
       step_var.assign_add(1)
     return total / tf.cast(n, tf.float32)
@@ -187,7 +218,8 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
     else:
       h, c = model_lib.zero_state(tf.shape(batch['targets'])[0], num_layers, hidden)
     noise = model_lib.dropout_noise(models, batch, seed, training=False)
-    logits, h2, c2 = models.train([batch['inputs'], h, c] + noise, training=False)
+    logits, h2, c2 = models.train([tf.cast(batch['inputs'], tf.float32), h, c] + noise,
+                                  training=False)
     if stream:
       _carry_out(eval_state, batch, (h2, c2))
     return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
@@ -203,8 +235,10 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
     return total
 
   if mode == 'loop':
-    return Loops(train=lambda it, n: xla_train_loop(it, int(n)), eval=eval_loop)
-  return Loops(train=lambda it, n: train_loop(it, tf.constant(n)), eval=eval_loop)
+    return Loops(train=lambda it, n: xla_train_loop(it, int(n)), eval=eval_loop,
+                 step=replica_step, fused=fused)
+  return Loops(train=lambda it, n: train_loop(it, tf.constant(n)), eval=eval_loop,
+               step=run_step, fused=fused)
 
 
 @dataclasses.dataclass
@@ -218,7 +252,7 @@ class Training:
   train_state: tuple  # carried (h, c) of every training row
   eval_state: tuple  # carried (h, c) of every validation stream
   loops: Loops
-  jit_mode: str  # 'off', 'step' or 'loop' (see jit_mode)
+  jit_mode: str  # 'off', 'replica', 'step' or 'loop' (see jit_mode)
 
   def checkpoint(self):
     """What a checkpoint holds: weights, optimizer, step, best loss, carried state."""
@@ -254,7 +288,7 @@ def setup(config, strategy, vocab_size, use_cudnn='auto'):
                         for n in 'hc')
     eval_state = tuple(state_variable(d.eval_batch_size, m.num_layers, m.hidden_size,
                                       'eval_' + n) for n in 'hc')
-  mode = jit_mode(t.jit_compile, strategy, distribute.has_gpu())
+  mode = jit_mode(t.jit_compile, strategy, distribute.has_gpu(), t.tpu_proxy)
   loops = build(strategy, models, optimizer, global_batch=d.batch_size,
                 stream=d.mode == 'stream', clip_norm=t.grad_clip_norm,
                 train_state=train_state, eval_state=eval_state, step_var=step, mode=mode,

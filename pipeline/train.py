@@ -13,6 +13,7 @@ import hashlib
 import io
 import math
 import time
+import unicodedata
 
 import tensorflow as tf
 from absl import logging
@@ -51,10 +52,23 @@ def _open_corpus(config, workdir, write):
   return corpus
 
 
+def _check_prompt(config, vocab):
+  """A sample prompt the vocabulary cannot encode would kill the run at its first
+  evaluation, before that step's checkpoint, so every resume would die there too."""
+  prompt = unicodedata.normalize('NFC', config.train.sample_prompt)
+  missing = sorted(set(prompt) - set(vocab.chars))
+  if missing:
+    raise config_lib.ConfigError(
+        f'train.sample_prompt={config.train.sample_prompt!r} has {len(missing)} '
+        f'character(s) the corpus does not: {"".join(missing)!r}. Use a prompt made of '
+        'the corpus characters (vocab.json), or --config.train.sample_prompt=\'\'.')
+
+
 def _datasets(config, strategy, corpus, start):
   """(train dataset from step `start`, eval dataset, eval layout), distributed."""
   d = config.data
   vocab_size, stream = corpus.vocab.size, d.mode == 'stream'
+  dtype = steps_lib.input_dtype(strategy, config.train.tpu_proxy)
   train_layout = data_lib.make_layout(len(corpus.train), d.seq_length, d.batch_size, d.mode)
   eval_layout = data_lib.make_layout(len(corpus.val), d.seq_length, d.eval_batch_size,
                                      d.mode, 'validation')
@@ -64,11 +78,12 @@ def _datasets(config, strategy, corpus, start):
       lambda ctx: data_lib.make_dataset(
           corpus.train, vocab_size, train_layout, ctx, seed=config.seed,
           start_step=start, num_steps=config.train.num_steps,
-          reset_prob=d.state_reset_prob if stream else 0.0, streamed=corpus.streamed))
+          reset_prob=d.state_reset_prob if stream else 0.0, streamed=corpus.streamed,
+          input_dtype=dtype))
   eval_ds = strategy.distribute_datasets_from_function(
       lambda ctx: data_lib.make_dataset(
           corpus.val, vocab_size, eval_layout, ctx, num_steps=eval_layout.steps_per_epoch,
-          shuffle=False, streamed=corpus.streamed))
+          shuffle=False, streamed=corpus.streamed, input_dtype=dtype))
   return train_ds, eval_ds, eval_layout
 
 
@@ -217,8 +232,9 @@ class _Loop:
     t = self.config.train
     sample = ''
     if self.worker.is_chief:  # sampling is local; other workers need not wait for it
-      sample = t.sample_prompt + self.sample_fn(
-          tf.constant(t.sample_prompt), tf.constant(self.config.seed + step, tf.int64)
+      prompt = unicodedata.normalize('NFC', t.sample_prompt)  # as the corpus was read
+      sample = prompt + self.sample_fn(
+          tf.constant(prompt), tf.constant(self.config.seed + step, tf.int64)
       ).numpy().decode('utf-8')
     self.reporter.evaluate(step, val_loss, sample)
     if val_loss < float(self.training.best_val.numpy()):
@@ -266,6 +282,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
   storage.makedirs(workdir)
   workdir_lib.write_config(config, workdir, write=worker.is_chief)
   corpus = _open_corpus(config, workdir, write=worker.is_chief)
+  _check_prompt(config, corpus.vocab)
   training = steps_lib.setup(config, strategy, corpus.vocab.size)
   checkpoints = ckpt_lib.Checkpointer(training.checkpoint(), workdir, worker,
                                       cfg_t.keep_checkpoints, training.step)

@@ -12,9 +12,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHILD_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=str(ROOT))
 
 
-def run(args, timeout=300, check=True, cwd=ROOT):
-  """Runs `python args...` in a fresh process; returns CompletedProcess."""
-  proc = subprocess.run([sys.executable, *args], cwd=cwd, env=CHILD_ENV,
+def run(args, timeout=300, check=True, cwd=ROOT, env=None):
+  """Runs `python args...` in a fresh process (env: extra variables); returns CompletedProcess."""
+  proc = subprocess.run([sys.executable, *args], cwd=cwd, env={**CHILD_ENV, **(env or {})},
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f'{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}')

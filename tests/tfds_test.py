@@ -272,3 +272,19 @@ def test_prepare_bad_input_names_the_fix(tmp_path):
     source.prepare('char_corpus/tinyshakespeare', str(tmp_path / 'tfds'), num_shards=5)
   # TFDS writes into an incomplete.* directory and drops it on failure.
   assert not list((tmp_path / 'tfds' / 'char_corpus').glob('*/*1.0.0*'))
+
+
+def test_streamed_batches_have_fully_static_shapes(sharded):
+  # A TPU compiles for one shape: a dynamic time dimension would be rejected or padded.
+  from pipeline import data as data_lib  # pylint: disable=g-import-not-at-top
+  vocab, train, _ = source.open_streaming(TFDS_SMALL, sharded, 0.05)
+  layout = data_lib.make_layout(len(train), 50, 8, 'stream')
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  dist = strategy.distribute_datasets_from_function(lambda ctx: data_lib.make_dataset(
+      train, vocab.size, layout, ctx, num_steps=2, streamed=True, input_dtype=tf.bfloat16))
+  specs = tf.nest.flatten(dist.element_spec)
+  assert all(s.shape.is_fully_defined() for s in specs), dist.element_spec
+  assert dist.element_spec['inputs'].shape == (8, 50, vocab.size)
+  assert dist.element_spec['inputs'].dtype == tf.bfloat16
+  batch = next(iter(dist))
+  assert batch['inputs'].shape == (8, 50, vocab.size)

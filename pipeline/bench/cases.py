@@ -153,7 +153,8 @@ def fit_case(s):
   model.compile(optimizer=keras.optimizers.Adam(learning_rate=schedule, global_clipnorm=clip),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   zeros = tf.zeros([s.b, s.layers, s.hidden])  # shuffle mode: every window from zero state
-  data = s.dataset().map(lambda x: ((x['inputs'], zeros, zeros), x['targets']))
+  data = s.dataset().map(
+      lambda x: ((tf.cast(x['inputs'], tf.float32), zeros, zeros), x['targets']))
   return Case('b', 'model.compile + model.fit', 'train', _fit_run(model, data), s.b * s.t)
 
 
@@ -200,17 +201,25 @@ def seed_fit_case(s):
 
 def input_case(s):
   """The input pipeline alone: batches pulled inside a tf.function, as the train loop does."""
-  iterator = iter(s.dataset())
+  ds = s.dataset()
+  iterator = iter(ds)
 
   @tf.function
   def pull(n):
     total = tf.constant(0.0)
     for _ in tf.range(n):
       batch = next(iterator)
-      total += batch['inputs'][0, 0, 0] + tf.cast(batch['targets'][0, 0], tf.float32)
+      total += (tf.cast(batch['inputs'][0, 0, 0], tf.float32) +
+                tf.cast(batch['targets'][0, 0], tf.float32))
     return total
-  return Case('input', 'tf.data pipeline alone', 'input',
+  case = Case('input', 'tf.data pipeline alone', 'input',
               _timed(lambda n: pull(tf.constant(n)).numpy()), s.b * s.t)
+  # What crosses to the device per character: the one-hot inputs, and the whole batch.
+  spec = ds.element_spec
+  size = lambda k: spec[k].shape.num_elements() * spec[k].dtype.size
+  case.input_bytes_per_char = size('inputs') / (s.b * s.t)
+  case.bytes_per_char = sum(size(k) for k in spec) / (s.b * s.t)
+  return case
 
 
 def peak_case(size=MATMUL_SIZE):

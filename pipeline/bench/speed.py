@@ -136,6 +136,8 @@ def _summarise(s, cases, steps, step_seconds):
       row['fraction_of_peak'] = float(np.median(np.array(c.rates) * flops / np.array(peak.rates)))
     elif c.section == 'input':
       row['vs_a'] = _ratio(c, by['a'])
+      row['input_bytes_per_char'] = c.input_bytes_per_char
+      row['bytes_per_char'] = c.bytes_per_char
     elif c.section == 'sample':
       row['vs_e'] = _ratio(c, by['e'])
     else:
@@ -217,7 +219,9 @@ def format_table(result):
         ratio = f"{r['vs_b']:5.2f}xb {r['vs_c']:5.1f}xc"
         extra = f"{r['gflops']:8.1f} {100 * r['fraction_of_peak']:6.1f}%"
       elif section == 'input':
-        ratio, extra = f"{r['vs_a']:10.1f}xa", ''
+        ratio = f"{r['vs_a']:10.1f}xa"
+        extra = (f"one-hot {r['input_bytes_per_char']:.0f} B/char "
+                 f"(batch {r['bytes_per_char']:.1f} B/char)")
       elif section == 'sample':
         ratio, extra = f"{r['vs_e']:10.1f}xe", ''
       else:
