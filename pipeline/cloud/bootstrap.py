@@ -14,6 +14,13 @@ launch.test`) call `ensure()`, which
 and then run the real work with the venv's python (`run`, `exec_module`).
 
 CHARLSTM_VENV overrides the venv location (default: <repo>/.venv).
+
+One venv per supported TensorFlow minor (TF_PINS): the main venv gets whatever
+TF pyproject.toml's cpu extra resolves to (pip picks the newest, 2.21), and
+`ensure(tf='2.20')` keeps a second venv, <main venv>-tf2.20, that installs the
+same `-e .[cpu,test]` plus `tensorflow-cpu==2.20.* tensorboard==2.20.*`, stamped
+the same way (the pins are part of the hash). `python3 -m launch.test --tf=2.20`
+uses it: TPU VMs run 2.20, the newest TF with a tensorflow-tpu wheel.
 """
 
 import hashlib
@@ -31,16 +38,34 @@ EXTRAS = 'cpu,test'
 STAMP_FILE = 'charlstm-deps.sha256'
 LOCK_FILE = 'charlstm-deps.lock'
 MIN_PYTHON = (3, 10)
+# Git must not see a venv that sits in the checkout under a name .gitignore
+# does not list (.venv-tf2.20): a `*` .gitignore inside it hides it, as
+# Python 3.13's venv module does itself.
+GITIGNORE = '.gitignore'
+_OWN_FILES = frozenset({LOCK_FILE, GITIGNORE})  # what ensure() writes before the venv exists
+
+# The TensorFlow minor versions charlstm supports, and what each one's venv
+# installs besides `-e .[EXTRAS]`. MAIN_TF's venv pins nothing: pip picks the
+# newest TF the cpu extra allows, as on a developer's machine. Keep in step
+# with pyproject.toml's ranges (tensorboard is released in lockstep with TF).
+MAIN_TF = '2.21'
+TF_PINS = {
+    '2.21': (),
+    '2.20': ('tensorflow-cpu==2.20.*', 'tensorboard==2.20.*'),
+}
 
 
 def say(message):
   print(f'charlstm: {message}', file=sys.stderr, flush=True)
 
 
-def venv_dir():
-  """The venv path: $CHARLSTM_VENV, else <repo>/.venv."""
+def venv_dir(tf=None):
+  """The venv path: $CHARLSTM_VENV, else <repo>/.venv; for a TF other than MAIN_TF, that plus -tfX.Y."""
   path = os.environ.get(VENV_ENV) or os.path.join(pipeline.ROOT, '.venv')
-  return os.path.abspath(os.path.expanduser(path))
+  path = os.path.abspath(os.path.expanduser(path))
+  if tf and tf != MAIN_TF:
+    path = f'{path}-tf{tf}'
+  return path
 
 
 def venv_python(venv=None):
@@ -50,11 +75,13 @@ def venv_python(venv=None):
   return os.path.join(venv, 'bin', 'python')
 
 
-def deps_hash(extras=EXTRAS):
-  """Hash of pyproject.toml plus the extras installed; the stamp file holds it."""
+def deps_hash(extras=EXTRAS, pins=()):
+  """Hash of pyproject.toml plus the extras and pins installed; the stamp file holds it."""
   with open(PYPROJECT, 'rb') as f:
     digest = hashlib.sha256(f.read())
   digest.update(f'\n[extras] {extras}\n'.encode())
+  if pins:  # absent for the main venv, so its hash is what it always was
+    digest.update(f'[pins] {" ".join(pins)}\n'.encode())
   return digest.hexdigest()
 
 
@@ -91,7 +118,7 @@ def _check_not_foreign(venv):
   """Refuses a non-empty directory that is not a venv, before touching anything in it."""
   if not os.path.isdir(venv) or os.path.exists(os.path.join(venv, 'pyvenv.cfg')):
     return
-  if set(os.listdir(venv)) - {LOCK_FILE}:
+  if set(os.listdir(venv)) - _OWN_FILES:
     errors.fail(f'{venv} exists and is not a venv. Set {VENV_ENV} to a new directory '
                 '(or an existing venv) and re-run.')
 
@@ -105,7 +132,7 @@ def ensure_venv(venv):
     errors.fail(f'charlstm needs Python >= {".".join(map(str, MIN_PYTHON))}, but '
                 f'{sys.executable} is {sys.version.split()[0]}. Run the command with a newer '
                 'python3.')
-  leftovers = sorted(set(os.listdir(venv)) - {LOCK_FILE})
+  leftovers = sorted(set(os.listdir(venv)) - _OWN_FILES)
   if leftovers:
     # A venv without a working python: interrupted creation, or its base
     # interpreter was removed. Rebuild it (_check_not_foreign made sure it is one).
@@ -126,11 +153,11 @@ def ensure_venv(venv):
   return python
 
 
-def ensure_deps(venv, extras=EXTRAS):
-  """Installs `-e .[extras]` into the venv unless its stamp matches pyproject.toml."""
+def ensure_deps(venv, extras=EXTRAS, pins=()):
+  """Installs `-e .[extras] *pins` into the venv unless its stamp matches pyproject.toml."""
   python = venv_python(venv)
   stamp = os.path.join(venv, STAMP_FILE)
-  want = deps_hash(extras)
+  want = deps_hash(extras, pins)
   if _read(stamp) == want:
     return python
   if os.path.exists(stamp):
@@ -138,11 +165,15 @@ def ensure_deps(venv, extras=EXTRAS):
     os.remove(stamp)  # an interrupted reinstall must not look up to date
   else:
     say('installing dependencies (first run takes a few minutes) ...')
+  # One pip call for the project and the pins, so the resolver intersects
+  # them (tensorflow-cpu>=2.20,<2.22 with ==2.20.* gives 2.20) instead of a
+  # second call up- or downgrading what the first installed.
   code = subprocess.call(
       [python, '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check',
-       '-e', f'{pipeline.ROOT}[{extras}]'], cwd=pipeline.ROOT, env=_env())
+       '-e', f'{pipeline.ROOT}[{extras}]'] + list(pins), cwd=pipeline.ROOT, env=_env())
   if code:
-    errors.fail(f'`pip install -e .[{extras}]` failed in {venv} (exit {code}); see pip\'s '
+    what = ' '.join([f'-e .[{extras}]'] + [f"'{p}'" for p in pins])
+    errors.fail(f'`pip install {what}` failed in {venv} (exit {code}); see pip\'s '
                 'message above. Fix its cause (network, disk space, proxy settings) and '
                 f're-run, or delete {venv} to start over.')
   tmp = f'{stamp}.tmp-{os.getpid()}'
@@ -153,21 +184,29 @@ def ensure_deps(venv, extras=EXTRAS):
   return python
 
 
-def ensure(extras=EXTRAS):
-  """Makes sure the venv exists and matches pyproject.toml; returns its python.
+def ensure(extras=EXTRAS, tf=None):
+  """Makes sure the venv (for TF minor `tf`, default MAIN_TF) exists and matches pyproject.toml.
 
-  Holds a lock file inside the venv directory meanwhile, so two commands
-  started together on a fresh clone install once, not twice at the same time.
+  Returns its python. Holds a lock file inside the venv directory meanwhile,
+  so two commands started together on a fresh clone install once, not twice
+  at the same time.
   """
-  venv = venv_dir()
+  tf = tf or MAIN_TF
+  if tf not in TF_PINS:
+    raise ValueError(f'unsupported TensorFlow {tf!r}; supported: {", ".join(sorted(TF_PINS))}')
+  venv = venv_dir(tf)
   _check_not_foreign(venv)
   try:
     os.makedirs(venv, exist_ok=True)
+    gitignore = os.path.join(venv, GITIGNORE)
+    if not os.path.exists(gitignore):
+      with open(gitignore, 'w', encoding='utf-8') as f:
+        f.write('# Created by charlstm\'s bootstrap: git ignores this venv.\n*\n')
   except OSError as e:
     errors.fail(f'cannot create {venv}: {e.strerror}. Set {VENV_ENV} to a writable directory.')
   with _Lock(os.path.join(venv, LOCK_FILE)):
     ensure_venv(venv)
-    return ensure_deps(venv, extras)
+    return ensure_deps(venv, extras, TF_PINS[tf])
 
 
 def _env(base=None):
@@ -176,15 +215,16 @@ def _env(base=None):
   return env
 
 
-def run(args, **kwargs):
+def run(args, venv=None, **kwargs):
   """Runs `<venv python> *args` from the repo root and returns its exit code.
 
-  Ctrl-C reaches the child too (same process group); we wait for it to finish
-  (launch.train checkpoints before stopping) and return its code.
+  `venv` defaults to the main venv (venv_dir()). Ctrl-C reaches the child too
+  (same process group); we wait for it to finish (launch.train checkpoints
+  before stopping) and return its code.
   """
   kwargs.setdefault('cwd', pipeline.ROOT)
   kwargs['env'] = _env(kwargs.get('env'))
-  proc = subprocess.Popen([venv_python()] + list(args), **kwargs)  # pylint: disable=consider-using-with
+  proc = subprocess.Popen([venv_python(venv)] + list(args), **kwargs)  # pylint: disable=consider-using-with
   while True:
     try:
       return proc.wait()
@@ -192,18 +232,18 @@ def run(args, **kwargs):
       continue
 
 
-def run_module(module, args=(), **kwargs):
+def run_module(module, args=(), venv=None, **kwargs):
   """`python -m module *args` in the venv; returns the exit code."""
-  return run(['-m', module] + list(args), **kwargs)
+  return run(['-m', module] + list(args), venv=venv, **kwargs)
 
 
-def exec_module(module, args=()):
+def exec_module(module, args=(), venv=None):
   """Replaces this process with `<venv python> -m module *args`, run from the repo root."""
-  python = venv_python()
+  python = venv_python(venv)
   argv = [python, '-m', module] + list(args)
   sys.stdout.flush()
   sys.stderr.flush()
   if os.name == 'nt':  # no real exec on Windows: wait and pass the exit code on
-    sys.exit(run(argv[1:]))
+    sys.exit(run(argv[1:], venv=venv))
   os.chdir(pipeline.ROOT)
   os.execve(python, argv, _env())
