@@ -220,3 +220,23 @@ def test_float16_with_loss_scaling_trains_close_to_float32(tmp_path):
                                  str(tmp_path / 'f16'))
   assert f16['train_loss'] == pytest.approx(f32['train_loss'], abs=5e-2)
   assert f16['val_loss'] < math.log(65)
+
+
+def test_sample_prompt_outside_the_vocabulary_fails_before_step_one(tmp_path):
+  proc = run(['-m', 'launch.train', '--config=configs/shakespeare.py:smoke',
+              f'--workdir={tmp_path}', '--config.train.sample_prompt=ROMEO ¿'], check=False)
+  assert proc.returncode == 2
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1, proc.stderr
+  assert "train.sample_prompt='ROMEO ¿'" in lines[0] and "'¿'" in lines[0]
+  assert not list(tmp_path.glob('checkpoints/ckpt-*'))
+  assert 'step 1/' not in proc.stderr
+
+
+def test_sample_prompt_is_normalised_like_the_corpus(tmp_path):
+  # 'é' typed as e + combining acute is the corpus's NFC 'é' (quijote has it).
+  out = train.train_and_evaluate(smoke(**{
+      'data.corpus': config_lib.bundled('quijote.txt.gz'), 'train.num_steps': 2,
+      'train.steps_per_loop': 1, 'train.eval_every': 2, 'train.log_every': 1,
+      'train.sample_prompt': 'cafe\u0301 '}), str(tmp_path))
+  assert out['step'] == 2
