@@ -15,7 +15,8 @@ one line as soon as it ends (`ok` or `FAILED`, what it found or why, seconds):
               and sampled through its `generate` signature, then deleted
 
 A check that fails prints FAILED and the doctor goes on with the checks that
-do not depend on it; `run` returns False if any failed (launch.doctor exits 1).
+do not depend on it; `run` returns False if any failed (launch.doctor exits 1;
+--verbosity=1 logs the failed check's stack).
 Bad input or an unusable environment (pipeline errors.Error: no TPU for
 strategy=tpu, a missing corpus, no gs:// credentials) stops the doctor with
 the usual one-line error and exit 2, naming the check it stopped in.
@@ -98,7 +99,9 @@ class _Report:
       # Bad input, as training would report it: one line and exit 2 (errors.run).
       raise DoctorError(name, e) from e
     except Exception as e:  # pylint: disable=broad-except  # any failure is the finding
-      logging.error('doctor: the %s check failed', name, exc_info=True)  # the stack, for the log
+      # The stack only with --verbosity=1: by default a failed check is its line,
+      # not a traceback that reads like a crash of the doctor.
+      logging.debug('doctor: the %s check failed', name, exc_info=True)
       self._line(Result(name, False, _why(e), time.perf_counter() - t0))
       return None
     self._line(Result(name, True, detail, time.perf_counter() - t0))
