@@ -1,4 +1,4 @@
-r"""Trains on a Cloud TPU VM or on GPU VMs: stage, create, install, train, follow, delete.
+r"""Trains on a Cloud TPU VM or on GPU VMs: stage, create, install, check, train, delete.
 
   python -m launch.submit --target=tpu-vm --name=my-tpu --zone=us-central2-b \
       --bucket=gs://my-bucket --accelerator_type=v4-8 --create --delete_after \
@@ -24,7 +24,8 @@ _BUCKET = flags.DEFINE_string('bucket', None, 'gs://BUCKET for the staged files 
 _PROJECT = flags.DEFINE_string('project', '', 'Google Cloud project (default: gcloud\'s).')
 _ACCEL = flags.DEFINE_string('accelerator_type', '', 'TPU type, e.g. v4-8, v5litepod-8, v4-32.')
 _RUNTIME = flags.DEFINE_string('runtime_version', '', 'TPU software version (default: '
-                               'tpu-vm-tf-2.21.0[-pod]-pjrt; check `tpu-vm versions list`).')
+                               'tpu-vm-tf-2.20.0[-pod]-pjrt, for the tensorflow-tpu the install '
+                               'puts there, if `tpu-vm versions list` lists it in the zone).')
 _MACHINE = flags.DEFINE_string('machine_type', 'g2-standard-8', 'GPU VM machine type.')
 _GPU = flags.DEFINE_string('gpu', '', 'TYPE:COUNT per VM for n1 machine types, e.g. '
                            'nvidia-tesla-t4:1 (g2/a2/a3 types come with theirs).')
@@ -38,9 +39,11 @@ _WORKERS = flags.DEFINE_integer('num_workers', 1, 'GPU VMs; more than 1 trains m
 _PORT = flags.DEFINE_integer('port', 2222, 'Port of each worker in TF_CONFIG.')
 _CREATE = flags.DEFINE_bool('create', False, 'Create the VM(s) first.')
 _DELETE = flags.DEFINE_bool('delete_after', False, 'Delete the VM(s) when the job has ended.')
-_SPOT = flags.DEFINE_bool('spot', False, 'With --create: spot VMs (may be preempted).')
-_RESTARTS = flags.DEFINE_integer('restarts', 0, 'Relaunch a job preempted after saving a '
-                                 'checkpoint (exit 75) up to this many times.', lower_bound=0)
+_SPOT = flags.DEFINE_bool('spot', False, 'Spot VMs (may be preempted), made with --create; a '
+                          'spot TPU is the queued resource NAME.')
+_RESTARTS = flags.DEFINE_integer('restarts', 0, 'Relaunch a preempted job (exit 75 or 255) up to '
+                                 'this many times; a spot TPU found SUSPENDED/FAILED is deleted '
+                                 'and created again first.', lower_bound=0)
 _RUN_ID = flags.DEFINE_string('run_id', '', 'Run id (default: the UTC time); reuse one to resume.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the uploads and commands; run nothing.')
 flags.mark_flags_as_required(['target', 'name', 'zone', 'bucket'])

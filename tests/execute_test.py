@@ -22,6 +22,8 @@ import time
 import pytest
 
 from pipeline.cloud import execute
+from pipeline.cloud import plan as plan_lib
+from pipeline.cloud import tpu as tpu_lib
 from tests import gcs_emulator
 from tests.conftest import CHILD_ENV, ROOT, error_lines, run
 from tests.fake_gcloud import gcloud_calls, plan_commands, recording_gcloud, train_argv
@@ -61,7 +63,11 @@ def test_submit_runs_what_the_dry_run_prints_and_the_staged_wheel_trains(gcs, tm
   planned = plan_commands(run(['-m', 'launch.submit', *flags, '--dry_run', '--', *SMOKE]).stdout)
   assert gcloud_calls(tmp_path) == (
       [['auth', 'list', '--filter=status:ACTIVE', '--format=value(account)']] +
-      [argv[1:] for argv in planned])  # create, install on all workers, train on 0, delete
+      [argv[1:] for argv in planned])  # lookup, create, install on all, doctor and train on 0, delete
+  assert [c[:5] for c in gcloud_calls(tmp_path)[1:3]] == [
+      ['compute', 'tpus', 'tpu-vm', 'versions', 'list'], ['compute', 'tpus', 'tpu-vm', 'create', 'pod2']]
+  assert '# runtime version tpu-vm-tf-2.20.0-pod-pjrt: listed in us-central2-b' in proc.stdout
+  assert 'fake launch.doctor ran' in proc.stdout
   url = f'gs://{BUCKET}/charlstm/real1'
   assert f'# uploaded {ROOT / "data/tinyshakespeare.txt.gz"} -> {url}/corpus/tinyshakespeare.txt.gz' \
       in proc.stdout.splitlines()
@@ -123,8 +129,9 @@ def test_restarts_relaunch_after_lost_ssh_and_preemption_on_a_spot_vm(gcs, tmp_p
   assert proc.returncode == 0, proc.stdout + proc.stderr
   calls = [c[:3] if c[0] == 'compute' else c[:2] for c in gcloud_calls(tmp_path)]
   ssh, start = ['compute', 'ssh', 'spot'], ['compute', 'instances', 'start']
-  assert calls == [['auth', 'list'], ssh, ssh, start, ssh, start, ssh]  # install, then train x3
-  assert gcloud_calls(tmp_path)[3] == ['compute', 'instances', 'start', 'spot', '--zone=z']
+  # install, doctor, then train x3 (the doctor runs once: a relaunch only trains)
+  assert calls == [['auth', 'list'], ssh, ssh, ssh, start, ssh, start, ssh]
+  assert gcloud_calls(tmp_path)[4] == ['compute', 'instances', 'start', 'spot', '--zone=z']
   lines = [l for l in proc.stdout.splitlines() if 'relaunch' in l]
   assert [l.split(':')[0] for l in lines] == [
       '# the job lost its ssh connection (exit 255; a spot VM may have been preempted)',
@@ -132,7 +139,127 @@ def test_restarts_relaunch_after_lost_ssh_and_preemption_on_a_spot_vm(gcs, tmp_p
   assert proc.stdout.splitlines()[-1] == '# the job ended with exit code 0'
 
 
+# --- spot TPUs: a queued resource, waited for, deleted and created again when preempted -------
+
+SPOT_TPU = ['--target=tpu-vm', '--name=spot-tpu', '--zone=us-central2-b',
+            f'--bucket=gs://{BUCKET}', '--accelerator_type=v4-8', '--create', '--spot']
+QR = ['compute', 'tpus', 'queued-resources']
+
+
+def _steps(calls):
+  """The calls as short names: versions, create, describe, delete, install, doctor, train."""
+  names = []
+  for c in calls[1:]:  # after `auth list`
+    script = ' '.join(c)
+    names.append('train' if 'launch.train' in script else 'doctor' if 'launch.doctor' in script
+                 else 'install' if 'pip install' in script else c[3] if c[:3] == QR else c[3])
+  return names
+
+
+def test_spot_tpu_suspended_while_waiting_is_deleted_and_created_again(gcs, tmp_path):
+  proc = _submit(tmp_path, [*SPOT_TPU, '--restarts=2', '--run_id=qr1'], SMOKE,
+                 env=dict(gcs.client_env(), FAKE_GCLOUD_QR_STATES='SUSPENDED,ACTIVE'))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  calls = gcloud_calls(tmp_path)
+  assert _steps(calls) == ['versions', 'create', 'describe', 'delete', 'create', 'describe',
+                           'install', 'doctor', 'train']
+  create = [*QR, 'create', 'spot-tpu', '--node-id=spot-tpu', '--zone=us-central2-b',
+            '--accelerator-type=v4-8', '--runtime-version=tpu-vm-tf-2.20.0-pjrt', '--spot',
+            '--scopes=https://www.googleapis.com/auth/cloud-platform']
+  assert calls[2] == calls[5] == create  # the same create again
+  assert calls[4] == [*QR, 'delete', 'spot-tpu', '--zone=us-central2-b', '--force', '--quiet']
+  assert calls[3] == [*QR, 'describe', 'spot-tpu', '--zone=us-central2-b',
+                      '--format=value(state.state)']
+  assert ('# queued resource spot-tpu is SUSPENDED (a preempted spot TPU cannot be restarted): '
+          'delete it and create it again, restart 1/2; the job resumes from '
+          f'gs://{BUCKET}/charlstm/qr1/workdir/checkpoints') in proc.stdout.splitlines()
+  assert proc.stdout.splitlines()[-1] == '# the job ended with exit code 0'
+
+
+def test_spot_tpu_preempted_during_training_is_recreated_reinstalled_and_resumed(gcs, tmp_path):
+  # ACTIVE; the job loses ssh (255); the TPU is SUSPENDED; recreated, ACTIVE; the job finishes.
+  proc = _submit(tmp_path, [*SPOT_TPU, '--delete_after', '--restarts=2', '--run_id=qr2'], SMOKE,
+                 env=dict(gcs.client_env(), FAKE_GCLOUD_QR_STATES='ACTIVE,SUSPENDED,ACTIVE',
+                          FAKE_GCLOUD_TRAIN_CODES='255,0'))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  calls = gcloud_calls(tmp_path)
+  assert _steps(calls) == ['versions', 'create', 'describe', 'install', 'doctor', 'train',
+                           'describe', 'delete', 'create', 'describe', 'install', 'doctor',
+                           'train', 'delete']
+  trains = [c for c in calls if any('launch.train' in a for a in c)]
+  assert trains[0] == trains[1]  # the same run, same workdir: it resumes from its checkpoints
+  assert calls[-1] == [*QR, 'delete', 'spot-tpu', '--zone=us-central2-b', '--force', '--quiet']
+
+
+def test_spot_tpu_suspended_without_restarts_is_one_line(gcs, tmp_path):
+  proc = _submit(tmp_path, [*SPOT_TPU, '--delete_after', '--run_id=qr3'], SMOKE,
+                 env=dict(gcs.client_env(), FAKE_GCLOUD_QR_STATES='SUSPENDED'))
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert error_lines(proc.stderr) == [
+      'charlstm: error: Queued resource spot-tpu is SUSPENDED: a preempted spot TPU cannot be '
+      'restarted, and no --restarts are left (0). Submit again with --restarts=N --run_id=qr3: '
+      'it deletes and recreates it, and training resumes from the checkpoints in the bucket.']
+  # Nothing was installed or trained; --delete_after still deletes the queued resource.
+  assert _steps(gcloud_calls(tmp_path)) == ['versions', 'create', 'describe', 'delete']
+
+
+def test_waiting_for_a_queued_resource_is_bounded(tmp_path, monkeypatch):
+  bin_dir = recording_gcloud(tmp_path)
+  monkeypatch.setenv('PATH', f'{bin_dir}:{os.environ["PATH"]}')
+  monkeypatch.setenv('FAKE_GCLOUD_LOG', str(tmp_path / 'gcloud.jsonl'))
+  monkeypatch.setattr(tpu_lib, 'POLL_SECONDS', 0)
+  plan = plan_lib.make_plan(plan_lib.Spec(target='tpu-vm', name='q', zone='z',
+                                          bucket=f'gs://{BUCKET}', accelerator_type='v4-8',
+                                          create=True, spot=True, run_id='w1'), SMOKE)
+  lines = []
+  monkeypatch.setenv('FAKE_GCLOUD_QR_STATES', 'ACCEPTED,WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE')
+  assert execute._wait(plan, lines.append) == 'ACTIVE'
+  assert [l for l in lines if l.startswith('# queued')] == [
+      '# queued resource q: ACCEPTED', '# queued resource q: WAITING_FOR_RESOURCES',
+      '# queued resource q: PROVISIONING', '# queued resource q: ACTIVE']
+  monkeypatch.setenv('FAKE_GCLOUD_QR_STATES', 'FAILED')
+  (tmp_path / 'gcloud.jsonl').unlink()
+  assert execute._wait(plan, lines.append) == 'FAILED'  # for the restart loop to recreate
+  monkeypatch.setenv('FAKE_GCLOUD_QR_STATES', 'WAITING_FOR_RESOURCES')
+  monkeypatch.setattr(tpu_lib, 'WAIT_SECONDS', 0)
+  with pytest.raises(execute.TpuUnavailable, match=r'^Queued resource q is still '
+                     'WAITING_FOR_RESOURCES after 0 min'):
+    execute._wait(plan, lines.append)
+
+
 # --- errors: one line, before anything is staged ----------------------------------------
+
+def test_a_zone_without_the_tpu_runtime_is_one_line_before_staging(gcs, tmp_path):
+  proc = _submit(tmp_path, ['--target=tpu-vm', '--name=t', '--zone=europe-west4-a',
+                            f'--bucket=gs://{BUCKET}', '--accelerator_type=v5litepod-8', '--create',
+                            '--run_id=noversion'], SMOKE,
+                 env=dict(gcs.client_env(), FAKE_GCLOUD_VERSIONS='tpu-ubuntu2204-base,'
+                          'tpu-vm-tf-2.17.0-pjrt,tpu-vm-tf-2.18.0-pjrt,v2-alpha-tpuv5-lite'))
+  assert proc.returncode == 2, proc.stderr
+  assert error_lines(proc.stderr) == [
+      'charlstm: error: Zone europe-west4-a lists no TPU runtime tpu-vm-tf-2.20.0-pjrt (for '
+      'tensorflow-tpu 2.20.0, which the install puts on the VM); its TensorFlow runtimes are for '
+      'TF 2.17.0, 2.18.0. Use a zone that offers it, or pass --runtime_version=NAME from `gcloud '
+      'compute tpus tpu-vm versions list --zone=europe-west4-a` knowingly.']
+  assert [c[:5] for c in gcloud_calls(tmp_path)] == [
+      ['auth', 'list', '--filter=status:ACTIVE', '--format=value(account)'],
+      ['compute', 'tpus', 'tpu-vm', 'versions', 'list']]  # nothing created
+  assert _blobs('charlstm/noversion') == []
+
+
+def test_a_failing_doctor_stops_the_run_before_training(gcs, tmp_path):
+  proc = _submit(tmp_path, ['--target=gpu-vm', '--name=doc', '--zone=z', f'--bucket=gs://{BUCKET}',
+                            '--run_id=doc1'], SMOKE,
+                 env=dict(gcs.client_env(), FAKE_GCLOUD_DOCTOR_CODE='2'))
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert 'fake launch.doctor ran' in proc.stdout  # its output is shown
+  [line] = error_lines(proc.stderr)
+  assert line.startswith('charlstm: error: launch.doctor failed with exit code 2 on `gcloud '
+                         'compute ssh doc --zone=z')
+  assert line.endswith('(its output is above), so training was not started.')
+  assert _steps(gcloud_calls(tmp_path)) == ['install', 'doctor']
+
+
 
 def test_missing_gcloud_is_one_line_before_staging(gcs, tmp_path):
   empty = tmp_path / 'empty'

@@ -42,11 +42,23 @@ def train_argv(argv):
   return shlex.split(assignment[len('TRAIN='):])
 
 
+# What `gcloud compute tpus tpu-vm versions list --format=value(version)` prints: the kinds of
+# names a zone lists (TF runtimes single-host and pod, JAX/PyTorch base images).
+VERSIONS = ('tpu-ubuntu2204-base', 'tpu-vm-tf-2.18.0-pjrt', 'tpu-vm-tf-2.18.0-pod-pjrt',
+            'tpu-vm-tf-2.20.0-pjrt', 'tpu-vm-tf-2.20.0-pod-pjrt', 'v2-alpha-tpuv5-lite',
+            'v2-alpha-tpuv6e')
+
+
 def recording_gcloud(tmp_path):
   """A `gcloud` that records its argv (FAKE_GCLOUD_LOG) and succeeds.
 
-  `auth list` prints FAKE_GCLOUD_ACCOUNT; train commands (ssh running
-  launch.train) exit with the next code of FAKE_GCLOUD_TRAIN_CODES (default 0).
+  `auth list` prints FAKE_GCLOUD_ACCOUNT; `tpu-vm versions list` prints
+  FAKE_GCLOUD_VERSIONS (comma-separated; default VERSIONS), one a line;
+  `queued-resources describe` prints the next state of FAKE_GCLOUD_QR_STATES
+  (comma-separated, the last one repeats; default ACTIVE); launch.doctor
+  commands exit with FAKE_GCLOUD_DOCTOR_CODE (default 0), after a line;
+  train commands (ssh running launch.train) exit with the next code of
+  FAKE_GCLOUD_TRAIN_CODES (default 0).
   """
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir(exist_ok=True)
@@ -54,15 +66,25 @@ def recording_gcloud(tmp_path):
   gcloud.write_text(f'#!{sys.executable}\n' + textwrap.dedent('''
       import json, os, sys
       args, log = sys.argv[1:], os.environ['FAKE_GCLOUD_LOG']
-      earlier = sum('launch.train' in l for l in open(log)) if os.path.exists(log) else 0
+      calls = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
+      earlier = sum(any('launch.train' in a for a in c) for c in calls)
       with open(log, 'a') as f:
         f.write(json.dumps(args) + '\\n')
       if args[:2] == ['auth', 'list']:
         print(os.environ.get('FAKE_GCLOUD_ACCOUNT', ''))
+      if args[:5] == ['compute', 'tpus', 'tpu-vm', 'versions', 'list']:
+        print('\\n'.join(os.environ.get('FAKE_GCLOUD_VERSIONS', %r).split(',')))
+      if args[:4] == ['compute', 'tpus', 'queued-resources', 'describe']:
+        states = os.environ.get('FAKE_GCLOUD_QR_STATES', 'ACTIVE').split(',')
+        asked = sum(c[:4] == args[:4] for c in calls)
+        print(states[min(asked, len(states) - 1)])
+      if any('launch.doctor' in a for a in args):
+        print('fake launch.doctor ran')
+        sys.exit(int(os.environ.get('FAKE_GCLOUD_DOCTOR_CODE', '0')))
       if any('launch.train' in a for a in args):
         codes = os.environ.get('FAKE_GCLOUD_TRAIN_CODES', '0').split(',')
         sys.exit(int(codes[earlier]) if earlier < len(codes) else 0)
-      '''))
+      ''') % ','.join(VERSIONS))
   gcloud.chmod(0o755)
   return bin_dir
 

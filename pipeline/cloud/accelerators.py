@@ -1,15 +1,20 @@
 """Cloud TPU and GPU machine shapes launch.submit knows: hosts, runtime versions, GPUs per VM.
 
-Only names are checked here, never quotas or zones: gcloud says whether a
-type exists in a zone (`gcloud compute tpus accelerator-types list`,
-`gcloud compute accelerator-types list`).
+Only names are checked here, never quotas: gcloud says whether a type
+exists in a zone (`gcloud compute tpus accelerator-types list`,
+`gcloud compute accelerator-types list`). Which TPU runtime versions a zone
+offers is looked up at submit time (`pick_runtime_version`).
 """
 
 import re
 
 from pipeline import errors
 
-TF_VERSION = '2.21.0'  # the TensorFlow the pyproject pins (2.21.*); TPU runtimes are named after it
+# The tensorflow-tpu the `tpu` extra installs (pyproject.toml: tensorflow-tpu==2.20.*; 2.20.0 is
+# the newest with a tensorflow-tpu wheel, while GPU/CPU get TF 2.21). TPU runtime versions are
+# named after the TF they are for, so this, not the GPU/CPU TF, picks the runtime.
+TPU_TF_VERSION = '2.20.0'
+_TF_RUNTIME = re.compile(r'^tpu-vm-tf-(\d+\.\d+\.\d+)')
 
 _TPU_TYPE = re.compile(r'^(v2|v3|v4|v5p|v5litepod|v6e)-(\d+)$')
 GPU_TYPES = ('nvidia-l4', 'nvidia-tesla-t4', 'nvidia-tesla-p4', 'nvidia-tesla-v100',
@@ -45,13 +50,38 @@ def tpu_is_single_host(accelerator_type):
 
 
 def default_runtime_version(accelerator_type):
-  """tpu-vm-tf-2.21.0-pjrt, or tpu-vm-tf-2.21.0-pod-pjrt for several hosts.
+  """tpu-vm-tf-2.20.0-pjrt, or tpu-vm-tf-2.20.0-pod-pjrt for several hosts.
 
-  Cloud TPU's naming scheme, tpu-vm-tf-X.Y.Z[-pod][-pjrt]; whether that
-  version is offered in a zone is unverified here (BUILD.md, "Cloud TPU").
+  Cloud TPU's naming scheme, tpu-vm-tf-X.Y.Z[-pod][-pjrt], for TPU_TF_VERSION
+  (Cloud TPU's "TPU software versions" page uses the same names for v5e,
+  v5p and v6e). `pick_runtime_version` checks a zone's list for it.
   """
   pod = '' if tpu_is_single_host(accelerator_type) else '-pod'
-  return f'tpu-vm-tf-{TF_VERSION}{pod}-pjrt'
+  return f'tpu-vm-tf-{TPU_TF_VERSION}{pod}-pjrt'
+
+
+def _version_key(version):
+  return tuple(int(p) for p in version.split('.'))
+
+
+def pick_runtime_version(accelerator_type, listed, zone):
+  """The runtime version for TPU_TF_VERSION from a zone's list (`tpu-vm versions list` lines).
+
+  Raises AcceleratorError, one line naming the TF versions the zone has
+  runtimes for, if the wanted name is not listed: a runtime for another TF
+  would not match the tensorflow-tpu the install puts on the VM.
+  """
+  wanted = default_runtime_version(accelerator_type)
+  names = [line.strip() for line in listed if line.strip()]
+  if wanted in names:
+    return wanted
+  offered = sorted({m.group(1) for m in map(_TF_RUNTIME.match, names) if m}, key=_version_key)
+  raise AcceleratorError(
+      f'Zone {zone} lists no TPU runtime {wanted} (for tensorflow-tpu {TPU_TF_VERSION}, which the '
+      f'install puts on the VM); its TensorFlow runtimes are for TF '
+      f'{", ".join(offered) if offered else "no version at all"}. Use a zone that offers it, or '
+      'pass --runtime_version=NAME from `gcloud compute tpus tpu-vm versions list '
+      f'--zone={zone}` knowingly.')
 
 
 def gpus_per_host(machine_type, gpu=''):

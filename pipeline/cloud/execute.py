@@ -1,10 +1,13 @@
-"""The half of launch.submit that acts: check, stage, create, install, train, delete.
+"""The half of launch.submit that acts: check, stage, create, install, doctor, train, delete.
 
 `submit` is launch.submit's whole job: it makes the plan (pipeline/cloud/plan.py)
 and prints it for --dry_run, or hands it to `execute`, which carries out a
-`plan.Plan` in order. That checks gcloud and the credentials first, so a
-missing login is one line before anything is uploaded. Commands that target
-several hosts run at the same time, each output line prefixed with its host.
+`plan.Plan` in order. That checks gcloud, the credentials and (for a TPU
+without --runtime_version) that the zone offers the planned runtime version
+first, so each of those is one line before anything is uploaded. Commands
+that target several hosts run at the same time, each output line prefixed
+with its host. A spot TPU's queued resource is waited for, and deleted and
+created again when preempted (pipeline/cloud/tpu.py says why).
 """
 
 import glob
@@ -19,8 +22,10 @@ import time
 
 import pipeline
 from pipeline import errors
+from pipeline.cloud import accelerators
 from pipeline.cloud import plan as plan_lib
 from pipeline.cloud import remote
+from pipeline.cloud import tpu as tpu_lib
 
 # What a remote machine needs to `pip install` and run the jobs. README.md is
 # included because pyproject.toml names it as the package readme.
@@ -33,6 +38,10 @@ SSH_RETRY_SECONDS = 20
 class CommandFailed(plan_lib.SubmitError):
   """A gcloud command failed; its own output is above the message."""
   exit_code = errors.EXIT_FAILED
+
+
+class TpuUnavailable(CommandFailed):
+  """A spot TPU's queued resource did not become ACTIVE, or was lost with no restarts left."""
 
 
 def submit(spec, train_flags, dry_run=False, out=print):
@@ -187,17 +196,102 @@ def _job_status(codes):
   return errors.EXIT_SSH if errors.EXIT_SSH in bad else bad[0] if bad else errors.EXIT_OK
 
 
+def _answer(argv, out):
+  """Runs a gcloud command whose output is an answer; its stdout (stderr shown on failure)."""
+  try:
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          check=False, timeout=300)
+  except subprocess.TimeoutExpired:
+    raise CommandFailed(f'`{shlex.join(argv[:6])} ...` did not answer within 300 s.') from None
+  if proc.returncode:
+    for line in proc.stderr.splitlines():
+      out(line)
+    raise CommandFailed(f'`{shlex.join(argv[:6])} ...` failed with exit code {proc.returncode} '
+                        '(its output is above).')
+  return proc.stdout
+
+
+def check_runtime_version(plan, out=print):
+  """Fails with one line, before staging, if the zone does not list the planned TPU runtime."""
+  if not plan.versions:
+    return
+  out(f'$ {shlex.join(plan.versions)}')
+  listed = _answer(plan.versions, out).splitlines()
+  picked = accelerators.pick_runtime_version(plan.spec.accelerator_type, listed, plan.spec.zone)
+  out(f'# runtime version {picked}: listed in {plan.spec.zone}')
+
+
+def _wait(plan, out):
+  """Polls the queued resource until it is ACTIVE, SUSPENDED or FAILED; returns that state.
+
+  Other states (ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING, ...) mean
+  it is still coming; after tpu.WAIT_SECONDS that is a one-line error.
+  """
+  name, deadline, last = plan.spec.name, time.monotonic() + tpu_lib.WAIT_SECONDS, None
+  out(f'$ {shlex.join(plan.wait)}  # until {tpu_lib.READY}, every {tpu_lib.POLL_SECONDS} s')
+  while True:
+    state = _answer(plan.wait, out).strip() or '(no state)'
+    if state != last:
+      out(f'# queued resource {name}: {state}')
+      last = state
+    if state == tpu_lib.READY or state in tpu_lib.LOST:
+      return state
+    if time.monotonic() >= deadline:
+      raise TpuUnavailable(
+          f'Queued resource {name} is still {state} after {tpu_lib.WAIT_SECONDS // 60} min '
+          f'(no spot capacity yet?). It stays queued unless --delete_after deletes it; '
+          f'submit again with --run_id={plan.run_id} later, or try another zone.')
+    time.sleep(tpu_lib.POLL_SECONDS)
+
+
+def _until_active(plan, hosts, out, used, state=None):
+  """Waits for the queued resource; deletes and recreates it while it is lost. Returns `used`.
+
+  Each recreation spends one of --restarts; with none left, a lost
+  resource is a one-line error.
+  """
+  state = state or _wait(plan, out)
+  while state != tpu_lib.READY:
+    if used == plan.spec.restarts:
+      raise TpuUnavailable(
+          f'Queued resource {plan.spec.name} is {state}: a preempted spot TPU cannot be '
+          f'restarted, and no --restarts are left ({plan.spec.restarts}). Submit again with '
+          f'--restarts=N --run_id={plan.run_id}: it deletes and recreates it, and training '
+          'resumes from the checkpoints in the bucket.')
+    used += 1
+    out(f'# queued resource {plan.spec.name} is {state} (a preempted spot TPU cannot be '
+        f'restarted): delete it and create it again, restart {used}/{plan.spec.restarts}; the '
+        f'job resumes from {plan.workdir}/checkpoints')
+    for argv in plan.recreate:
+      _checked([argv], hosts, out)
+    state = _wait(plan, out)
+  return used
+
+
+def _install(plan, hosts, out):
+  """Installs on every host, then runs launch.doctor where training runs; it must pass."""
+  _checked(plan.setup, hosts, out, retry_ssh=True)
+  for argv, code in zip(plan.doctor, _run_all(plan.doctor, hosts, out, retry_ssh=True)):
+    if code:
+      raise CommandFailed(f'launch.doctor failed with exit code {code} on `{shlex.join(argv[:6])} '
+                          '...` (its output is above), so training was not started.')
+
+
 def execute(plan, out=print):
-  """Checks, stages, creates, installs, trains (with restarts) and deletes; returns the exit status.
+  """Checks, stages, creates, installs, runs the doctor, trains, deletes; returns the status.
 
   --restarts=K relaunches the train step up to K times after exit 75 (the
   job saved a checkpoint and stopped) or 255 (ssh lost the VM), first
-  starting stopped spot GPU VMs. With --delete_after the VMs are deleted
-  once the job has ended, also when it failed (its log and checkpoints are
-  in the bucket), but not when this process is interrupted: the job then
-  keeps running on the VM.
+  starting stopped spot GPU VMs. A spot TPU's queued resource found
+  SUSPENDED or FAILED (while waiting for it, or after such an exit) is
+  deleted and created again instead, then installed and checked again;
+  each recreation spends one of the K. With --delete_after the VMs are
+  deleted once the job has ended, also when it failed (its log and
+  checkpoints are in the bucket), but not when this process is
+  interrupted: the job then keeps running on the VM.
   """
   preflight(plan.spec)
+  check_runtime_version(plan, out)
   out(f'# {plan.summary}')
   stage(plan, out)
   out(f'# staged in {plan.run_url}/')
@@ -207,17 +301,25 @@ def execute(plan, out=print):
     for argv in plan.create:
       _checked([argv], hosts, out)
     vm_exists = True
-    _checked(plan.setup, hosts, out, retry_ssh=True)
+    used = _until_active(plan, hosts, out, 0) if plan.wait else 0
+    _install(plan, hosts, out)
     for line in plan_lib.outputs(plan):
       out(line)
-    for attempt in range(plan.spec.restarts + 1):
+    while True:
       # A relaunch waits for ssh (a restarted VM boots) and follows the job if it still runs.
-      code = _job_status(_run_all(plan.train, hosts, out, retry_ssh=attempt > 0))
-      if code not in (errors.EXIT_PREEMPTED, errors.EXIT_SSH) or attempt == plan.spec.restarts:
+      code = _job_status(_run_all(plan.train, hosts, out, retry_ssh=used > 0))
+      if code not in (errors.EXIT_PREEMPTED, errors.EXIT_SSH) or used == plan.spec.restarts:
         break
+      if plan.wait:  # a spot TPU: a preempted one is SUSPENDED, and only recreating helps
+        state = _wait(plan, out)
+        if state != tpu_lib.READY:
+          used = _until_active(plan, hosts, out, used, state)
+          _install(plan, hosts, out)
+          continue
+      used += 1
       why = ('was preempted after saving a checkpoint' if code == errors.EXIT_PREEMPTED else
              'lost its ssh connection (exit 255; a spot VM may have been preempted)')
-      out(f'# the job {why}: relaunch {attempt + 1}/{plan.spec.restarts}; it resumes from '
+      out(f'# the job {why}: relaunch {used}/{plan.spec.restarts}; it resumes from '
           f'{plan.workdir}/checkpoints, or is followed if it still runs')
       for argv in plan.before_restart:
         _checked([argv], hosts, out)

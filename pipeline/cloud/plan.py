@@ -9,15 +9,21 @@ really does it:
   1. stage: build a wheel of this checkout, resolve the config (a config.py
      that rebuilds it exactly), upload both and any local corpus with
      google-cloud-storage (pipeline/cloud/gcs.py);
-  2. create the VM(s) if asked;
-  3. install the wheel on every host (`--worker=all` on a TPU), then run
-     launch.train, following its log; the run keeps going on the VM if this
-     process stops (nohup), and its log is copied to the bucket at the end;
-  4. with --delete_after, delete the VM(s) once the job has ended.
+  2. TPU without --runtime_version: pick the runtime for the TPU's TF from
+     the zone's `tpu-vm versions list`;
+  3. create the VM(s) if asked (a spot TPU: a queued resource, waited for);
+  4. install the wheel on every host (`--worker=all` on a TPU), check with
+     launch.doctor where training runs, then run launch.train, following its
+     log; the run keeps going on the VM if this process stops (nohup), and
+     its log is copied to the bucket at the end;
+  5. with --restarts, relaunch a preempted job (a preempted spot TPU is
+     deleted and created again first);
+  6. with --delete_after, delete the VM(s) once the job has ended.
 
-The gcloud argument lists are built here, the shell scripts they run on the
-VMs in pipeline/cloud/remote.py, and pipeline/cloud/execute.py carries a plan
-out (this module never imports it).
+The gcloud argument lists are built here (the TPU ones in
+pipeline/cloud/tpu.py), the shell scripts they run on the VMs in
+pipeline/cloud/remote.py, and pipeline/cloud/execute.py carries a plan out
+(this module never imports it).
 BUILD.md ("Submit a run") says where TPU and GPU runs differ, and why.
 """
 
@@ -32,6 +38,7 @@ import pipeline
 from pipeline import errors
 from pipeline.cloud import accelerators
 from pipeline.cloud import remote
+from pipeline.cloud import tpu as tpu_lib
 
 TARGETS = ('tpu-vm', 'gpu-vm')
 LIBTPU_INDEX = 'https://storage.googleapis.com/libtpu-tf-releases/index.html'
@@ -85,10 +92,15 @@ class Plan:
   uploads: list  # (local source, gs:// url); '<wheel>' and '<config.py>' are made when staging
   create: list  # gcloud argv lists
   setup: list
+  doctor: list  # launch.doctor where launch.train runs, one argv per such host
   train: list  # one argv per host; several run at the same time
   delete: list
   before_restart: list  # run before relaunching a preempted job (exit 75)
   follow: list  # the command that tails the log on the VM
+  runtime_version: str = ''  # TPU: the planned name (the zone's list confirms it, see `versions`)
+  versions: list = dataclasses.field(default_factory=list)  # TPU: argv listing the zone's runtimes
+  wait: list = dataclasses.field(default_factory=list)  # spot TPU: argv printing its state
+  recreate: list = dataclasses.field(default_factory=list)  # spot TPU: delete, create again
 
 
 def _gcloud(spec, *args):
@@ -242,35 +254,7 @@ def wheel_name(root=None):
   return f'{name.replace("-", "_")}-{version}-py3-none-any.whl'
 
 
-def _tpu_commands(spec, single, run_url, run_id, wheel, train_args):
-  """gcloud commands for a TPU VM or pod slice.
-
-  The wheel goes on every host (--worker=all). launch.train runs on every
-  host of a single-host TPU, but only on worker 0 of a pod slice:
-  TensorFlow's TPUStrategy is single-client, so one process drives the
-  whole slice through its TPU runtime (TPU_LOAD_LIBRARY=0,
-  runtime.tpu=NAME), and a copy per host would each act as the chief.
-  """
-  z = f'--zone={spec.zone}'
-  version = spec.runtime_version or accelerators.default_runtime_version(spec.accelerator_type)
-
-  def ssh(worker, command):
-    return _gcloud(spec, 'compute', 'tpus', 'tpu-vm', 'ssh', spec.name, z, f'--worker={worker}',
-                   f'--command={command}')
-
-  train = remote.train_script(run_url, run_id, train_args, remote.tpu_env(single), spec.name)
-  return dict(
-      create=[_gcloud(spec, 'compute', 'tpus', 'tpu-vm', 'create', spec.name, z,
-                      f'--accelerator-type={spec.accelerator_type}', f'--version={version}',
-                      f'--scopes={SCOPES}', *(['--spot'] if spec.spot else []))],
-      setup=[ssh('all', remote.install_script(run_url, run_id, wheel, 'tpu', LIBTPU_INDEX))],
-      train=[ssh('all' if single else '0', train)],
-      follow=ssh('0', remote.follow_script(run_id)),
-      delete=[_gcloud(spec, 'compute', 'tpus', 'tpu-vm', 'delete', spec.name, z, '--quiet')],
-      before_restart=[])
-
-
-def _gpu_commands(spec, hosts, gpus, run_url, run_id, wheel, train_args):
+def _gpu_commands(spec, hosts, gpus, run_url, run_id, wheel, train_args, workdir):
   """gcloud commands for GPU VMs: one install and one train command per host.
 
   With several hosts each gets TF_CONFIG naming every host by its VM name
@@ -295,6 +279,9 @@ def _gpu_commands(spec, hosts, gpus, run_url, run_id, wheel, train_args):
                       *(['--provisioning-model=SPOT', '--instance-termination-action=STOP']
                         if spec.spot else []))],
       setup=[ssh(h, install) for h in hosts],
+      # launch.doctor as launch.train runs: on every host with its TF_CONFIG, at the same time
+      # (a multi_worker strategy needs all its workers up).
+      doctor=[ssh(h, remote.doctor_script(run_id, workdir, env)) for h, env in zip(hosts, envs)],
       train=[ssh(h, remote.train_script(run_url, run_id, train_args, env, h))
              for h, env in zip(hosts, envs)],
       follow=ssh(hosts[0], remote.follow_script(run_id)),
@@ -345,12 +332,17 @@ def make_plan(spec, train_flags):
     config.data.corpus = corpus_url
     extra.append(f'--config.data.corpus={corpus_url}')
   train_args = ['--config=config.py', *passed, *extra, f'--workdir={workdir}']
-  commands = (_tpu_commands(spec, single, run_url, run_id, wheel, train_args) if tpu else
-              _gpu_commands(spec, hosts, gpus, run_url, run_id, wheel, train_args))
+  commands = (tpu_lib.commands(spec, single, run_url, run_id, wheel, train_args, workdir,
+                               lambda *args: _gcloud(spec, *args), SCOPES, LIBTPU_INDEX) if tpu else
+              _gpu_commands(spec, hosts, gpus, run_url, run_id, wheel, train_args, workdir))
   if not spec.create:
     commands['create'] = []
+  if not commands['create'] and not commands.get('recreate'):
+    commands['versions'] = []  # nothing to create: no runtime version needed
   if not spec.delete_after:
     commands['delete'] = []
+  if tpu and spec.spot:
+    where += f', spot: queued resource {spec.name}'
   return Plan(spec=spec, run_id=run_id, run_url=run_url, workdir=workdir, hosts=hosts,
               summary=f'charlstm run {run_id} on {where} in {spec.zone}, strategy {strategy}',
               wheel_name=wheel, config=config.to_dict(),
@@ -372,20 +364,58 @@ def outputs(plan):
           f'# follow it:   {shlex.join(plan.follow)}']
 
 
+def _restart_lines(plan):
+  """Comment lines describing --restarts: what a relaunch runs, in order."""
+  n, resume = plan.spec.restarts, f'the job resumes from {plan.workdir}/checkpoints'
+  if not n:
+    return []
+  if plan.recreate:
+    return ([f'# restarts, up to {n} in all: the queued resource found SUSPENDED or FAILED (a '
+             'preempted spot TPU cannot be restarted), while waiting or after the job exits 75 '
+             'or 255, is deleted and created again, then waited for, installed, checked and '
+             f'trained again ({resume}); if it is still ACTIVE, only the train step is relaunched:']
+            + [f'#   {shlex.join(c)}' for c in plan.recreate])
+  first = ''.join(f'{shlex.join(c)}; ' for c in plan.before_restart)
+  return [f'# restarts, up to {n}: after exit 75 or 255, {first}relaunch the train step; {resume}']
+
+
 def describe(plan):
-  """The plan as a shell script: comments, uploads as comments, gcloud commands exactly."""
+  """The plan as a shell script: comments, uploads as comments, gcloud commands exactly.
+
+  The steps launch.submit decides at run time (the runtime version picked
+  from the zone's list, waiting for a queued resource, restarts) are
+  comments beside the commands they run.
+  """
   lines = [f'# {plan.summary}',
            f'# 1. stage: build {plan.wheel_name} from this checkout; upload with '
            'google-cloud-storage:']
   lines += [f'#   upload {src} -> {url}' for src, url in plan.uploads]
-  steps = [('2. create', plan.create), ('3. install the wheel on every host', plan.setup),
-           ('4. train', plan.train), ('5. delete', plan.delete)]
-  for title, commands in steps:
+  number = 1
+
+  def step(title, commands):
+    nonlocal number
     if not commands:
-      continue
-    lines.append(f'# {title}')
+      return
+    number += 1
+    lines.append(f'# {number}. {title}')
     parallel = len(commands) > 1  # one per host: they run at the same time
-    lines += [shlex.join(c) + (' &' if parallel else '') for c in commands]
+    lines.extend(shlex.join(c) + (' &' if parallel else '') for c in commands)
     if parallel:
       lines.append('wait')
+
+  step(f'runtime version: list the zone\'s versions; picks {plan.runtime_version} (for '
+       f'tensorflow-tpu {accelerators.TPU_TF_VERSION}) if the zone lists it, else stops, naming '
+       'the TF versions it offers', [plan.versions] if plan.versions else [])
+  step('create', plan.create)
+  if plan.wait:
+    lines += [f'# wait until the queued resource is {tpu_lib.READY}: its state every '
+              f'{tpu_lib.POLL_SECONDS} s, for at most {tpu_lib.WAIT_SECONDS // 60} min; '
+              f'{"/".join(tpu_lib.LOST)} with no restarts left stops the run:',
+              f'#   {shlex.join(plan.wait)}']
+  step('install the wheel on every host', plan.setup)
+  step('check with launch.doctor where training runs; a failure stops the run here',
+       plan.doctor)
+  step('train', plan.train)
+  lines += _restart_lines(plan)
+  step('delete', plan.delete)
   return '\n'.join(lines + outputs(plan))

@@ -8,6 +8,8 @@ the staged wheel and config.py, and train.log. Every run shares the venv
 
   install_script  copy the wheel and config.py from the bucket, make the venv,
                   pip install the wheel with its TensorFlow extra
+  doctor_script   run launch.doctor on the staged config and the run's workdir,
+                  with launch.train's environment, before training starts
   train_script    start launch.train under nohup (it survives a lost ssh
                   connection) or follow the one already running, stream its
                   log, exit with its status, copy the log to the bucket
@@ -74,6 +76,24 @@ def tf_config_env(workers, index):
                                     'task': {'type': 'worker', 'index': index}}))]
 
 
+def _exports(env):
+  """`export NAME=value` lines; values are quoted, except `$(...)` ones (run on the VM)."""
+  return [f'export {name}="{value}"' if value.startswith('$(') else
+          f'export {name}={shlex.quote(value)}' for name, value in env]
+
+
+def doctor_script(run_id, workdir, env):
+  """Runs launch.doctor with the staged config.py, the run's workdir and launch.train's `env`.
+
+  Its own step before training, not part of train_script: it runs once per
+  install, not again on each relaunch of a job that is already running, and
+  a failure (set -e: its exit status) stops the submission before training.
+  """
+  return '\n'.join(['set -eu', f'cd {shlex.quote(run_dir(run_id))}', *_exports(env),
+                    shlex.join([f'{VENV}/bin/python', '-m', 'launch.doctor', '--config=config.py',
+                                f'--workdir={workdir}'])])
+
+
 def train_script(run_url, run_id, train_args, env, host):
   """Runs launch.train in the run directory, or follows it if it already runs there.
 
@@ -87,10 +107,7 @@ def train_script(run_url, run_id, train_args, env, host):
   the log to the bucket. `env` values are quoted, except `$(...)` ones.
   """
   train = shlex.join([f'{VENV}/bin/python', '-m', 'launch.train', *train_args])
-  lines = ['set -u', f'cd {shlex.quote(run_dir(run_id))}']
-  for name, value in env:
-    lines.append(f'export {name}="{value}"' if value.startswith('$(') else
-                 f'export {name}={shlex.quote(value)}')
+  lines = ['set -u', f'cd {shlex.quote(run_dir(run_id))}', *_exports(env)]
   lines += [
       f'TRAIN={shlex.quote(train)}',
       'touch train.log',
