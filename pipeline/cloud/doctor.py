@@ -134,9 +134,15 @@ def strategy_name(strategy):
   return 'gpu' if 'GPU:' in device else 'cpu'
 
 
+def _device(name):
+  """'/device:CPU:0' -> 'CPU:0'; a cluster's '/job:worker/replica:0/task:1/device:CPU:0' -> 'task:1 CPU:0'."""
+  where, _, device = name.rpartition('/device:')
+  task = where.rpartition('/task:')[2] if '/task:' in where else ''
+  return f'task:{task} {device}' if task and not where.startswith('/job:localhost') else device
+
+
 def _devices():
-  names = [d.name.replace('/device:', '').split('/')[-1]
-           for d in tf.config.list_logical_devices()]
+  names = [_device(d.name) for d in tf.config.list_logical_devices()]
   shown = ', '.join(names[:_MAX_DEVICES_LISTED])
   return shown + (f', ... ({len(names)} in all)' if len(names) > _MAX_DEVICES_LISTED else '')
 
