@@ -9,6 +9,9 @@ Serving can call them):
   vocab() -> chars string[V]
 The vocabulary is embedded as constants (no lookup-table resource) and also
 shipped as `assets/vocab.json`.
+
+Every export is a float32 graph with no cuDNN op, whatever precision and
+device the model was trained with (`portable_copy`), so it runs on any CPU.
 """
 
 import os
@@ -22,6 +25,7 @@ from pipeline import errors
 from pipeline import corpus
 from pipeline import fused_lstm
 from pipeline import generate as generate_lib
+from pipeline import model as model_lib
 from pipeline import storage
 from pipeline import workdir as workdir_lib
 
@@ -95,16 +99,38 @@ class CharLSTMModule(tf.Module):
     return {'chars': self._chars}
 
 
+def portable_copy(models, vocab_size):
+  """The same architecture and weights as float32 layers that never take cuDNN.
+
+  A mixed-precision layer falls outside fused_lstm's one-char path (float32
+  only), and Keras then emits CudnnRNNV3 whenever a GPU is visible: an op with
+  no CPU kernel, so the export would not load on a CPU or in CPU TF Serving.
+  Fresh variables also leave any TPU or distributed placement behind.
+  """
+  lstm = models.lstms[0]
+  fresh = model_lib.build(vocab_size, lstm.units, len(models.lstms),
+                          models.train.inputs[0].shape[1], precision='float32',
+                          use_cudnn=False)
+  trained = {w.path: w for w in models.train.weights}
+  if sorted(trained) != sorted(w.path for w in fresh.train.weights):
+    raise ValueError(f'Cannot copy weights {sorted(trained)} into a float32 model.')
+  for w in fresh.train.weights:
+    # Mixed-precision policies keep float32 variables; the cast covers others.
+    w.assign(tf.cast(trained[w.path].value, tf.float32))
+  return fresh
+
+
 def export_models(models, vocab, export_dir, extra_assets=None):
   """Writes a SavedModel for `models` to `export_dir`, replacing any old one atomically.
 
+  The export holds a float32, cuDNN-free copy of `models` (`portable_copy`).
   The model is written to a sibling temporary directory first, so a failure
   midway leaves the previous export untouched.
   """
   tmp_local = tempfile.mkdtemp(prefix='charlstm-vocab-')
   vocab_path = os.path.join(tmp_local, corpus.VOCAB_FILE)
   vocab.save(vocab_path)
-  module = CharLSTMModule(models, vocab, vocab_path)
+  module = CharLSTMModule(portable_copy(models, vocab.size), vocab, vocab_path)
   tmp_dir = f'{export_dir.rstrip("/")}.tmp-{uuid.uuid4().hex}'
   try:
     tf.saved_model.save(
