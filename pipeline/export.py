@@ -50,12 +50,6 @@ class CharLSTMModule(tf.Module):
     self._chars = tf.constant(list(vocab.chars), tf.string)
     self._codepoints = tf.constant([ord(ch) for ch in vocab.chars], tf.int32)
     self.vocab_asset = tf.saved_model.Asset(vocab_asset_path)
-    # serving_default draws a fresh seed per request from a saved generator
-    # state: varied text per call, no dependence on a global seed (which would
-    # replay the same text in every process), and no tf.timestamp (refused in
-    # processes that enable op determinism).
-    self.serving_rng = tf.random.Generator.from_seed(
-        int.from_bytes(os.urandom(8), 'little') >> 1)  # from_non_deterministic_state is refused under op determinism
     l, hd = self._num_layers, self._hidden
     state = tf.TensorSpec([None, l, hd], tf.float32)
     self.step = tf.function(self._step, input_signature=[
@@ -91,7 +85,15 @@ class CharLSTMModule(tf.Module):
     return {'text': text}
 
   def _serve(self, prompts):
-    seed = self.serving_rng.uniform_full_int([], tf.int64)
+    # A fresh seed per request, different in every process and replica: a
+    # generator saved in the model restores the same state at every load, so
+    # every process replayed one sequence of texts. NonDeterministicInts (OS
+    # entropy) still runs in a process that enabled op determinism, where
+    # Timestamp and unseeded random ops fail; as a raw op it also traces in a
+    # training process with determinism on, where the Python
+    # Generator.from_non_deterministic_state refuses. Reproducible text is
+    # what `generate`'s seed is for.
+    seed = tf.raw_ops.NonDeterministicInts(shape=tf.constant([], tf.int32), dtype=tf.int64)
     return self._generate(prompts, tf.constant(SERVING_NUM_CHARS),
                           tf.constant(SERVING_TEMPERATURE), tf.constant(0), seed)
 

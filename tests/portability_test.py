@@ -55,7 +55,7 @@ TRAIN_AND_EXPORT_ON_GPU = textwrap.dedent('''
 ''' % RNN_MODULE)
 
 # A fresh CPU process (optionally with op determinism): greedy and seeded text
-# through the sampler job.
+# through the sampler job, and serving_default called twice.
 SAMPLE = textwrap.dedent('''
     import json, sys
     import tensorflow as tf
@@ -66,7 +66,10 @@ SAMPLE = textwrap.dedent('''
     for export in sys.argv[3:]:
       greedy, seeded = (sample.sample(export, [sys.argv[2]], %d, temperature=t, seed=1)[0][1]
                         for t in (0.0, 1.0))
-      out[export] = {'greedy': greedy, 'seeded': seeded}
+      serve = tf.saved_model.load(export).signatures['serving_default']
+      served = [serve(prompts=tf.constant([sys.argv[2]]))['text'].numpy()[0].decode()
+                for _ in range(2)]
+      out[export] = {'greedy': greedy, 'seeded': seeded, 'served': served}
     print('JSON' + json.dumps(out))
 ''' % N)
 
@@ -172,7 +175,7 @@ def _float32_texts(workdir, prompt, n):
   return [text(tf.constant(t)).numpy().decode() for t in (0.0, 1.0)]
 
 
-def test_exports_sample_in_fresh_cpu_processes(mixed_runs):
+def test_exports_sample_in_fresh_cpu_processes_and_serving_varies(mixed_runs):
   exports = _exports(mixed_runs)
   procs = [(a, _popen(a)) for a in (['-c', SAMPLE, mode, PROMPT, *exports]
                                     for mode in ('plain', 'deterministic'))]
@@ -186,3 +189,8 @@ def test_exports_sample_in_fresh_cpu_processes(mixed_runs):
     for export in (str(workdir / 'export'), str(workdir / 'export_relaunched')):
       for res in (plain[export], deterministic[export]):
         assert (res['greedy'], res['seeded']) == (greedy, seeded), (precision, export)
+      served = plain[export]['served'] + deterministic[export]['served']
+      # Every call differs: within a process, and across processes, including
+      # one that enabled op determinism.
+      assert len(set(served)) == 4, served
+      assert all(len(t) == export_lib.SERVING_NUM_CHARS for t in served)
