@@ -52,7 +52,7 @@ def _open_corpus(config, workdir, write):
   return corpus
 
 
-def _check_prompt(config, vocab):
+def check_prompt(config, vocab):
   """A sample prompt the vocabulary cannot encode would kill the run at its first
   evaluation, before that step's checkpoint, so every resume would die there too."""
   prompt = unicodedata.normalize('NFC', config.train.sample_prompt)
@@ -64,7 +64,7 @@ def _check_prompt(config, vocab):
         'the corpus characters (vocab.json), or --config.train.sample_prompt=\'\'.')
 
 
-def _datasets(config, strategy, corpus, start):
+def datasets(config, strategy, corpus, start):
   """(train dataset from step `start`, eval dataset, eval layout), distributed."""
   d = config.data
   vocab_size, stream = corpus.vocab.size, d.mode == 'stream'
@@ -282,7 +282,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
   storage.makedirs(workdir)
   workdir_lib.write_config(config, workdir, write=worker.is_chief)
   corpus = _open_corpus(config, workdir, write=worker.is_chief)
-  _check_prompt(config, corpus.vocab)
+  check_prompt(config, corpus.vocab)
   training = steps_lib.setup(config, strategy, corpus.vocab.size)
   checkpoints = ckpt_lib.Checkpointer(training.checkpoint(), workdir, worker,
                                       cfg_t.keep_checkpoints, training.step)
@@ -292,7 +292,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
     logging.info('Resumed from %s at step %d.', restored, start)
   if worker.is_chief:
     checkpoints.copy_vocab()
-  train_ds, eval_ds, eval_layout = _datasets(config, strategy, corpus, start)
+  train_ds, eval_ds, eval_layout = datasets(config, strategy, corpus, start)
   reporter = _Reporter(workdir, cfg_t.num_steps, write=worker.is_chief)
   loop = _Loop(config, strategy, worker, training, checkpoints, reporter, eval_ds,
                eval_layout, _sampler(config, training.models, corpus.vocab))

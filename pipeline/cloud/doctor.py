@@ -170,9 +170,9 @@ def _check_corpus(config):
 def _check_train(config, strategy, corpus, use_cudnn):
   # train_and_evaluate's own pieces (prompt check, datasets), so the doctor
   # cannot drift from what training feeds the step.
-  train_lib._check_prompt(config, corpus.vocab)  # pylint: disable=protected-access
+  train_lib.check_prompt(config, corpus.vocab)
   training = steps_lib.setup(config, strategy, corpus.vocab.size, use_cudnn=use_cudnn)
-  train_ds, eval_ds, _ = train_lib._datasets(config, strategy, corpus, 0)  # pylint: disable=protected-access
+  train_ds, eval_ds, _ = train_lib.datasets(config, strategy, corpus, 0)
   loss = float(training.loops.train(iter(train_ds), STEPS))
   step = int(training.step.numpy())
   if not math.isfinite(loss):
