@@ -7,6 +7,14 @@ Serving can call them):
            top_k int32, seed int64) -> text string[B]
   serving_default(prompts string[B]) -> text string[B]
   vocab() -> chars string[V]
+  prime(prompts string[B]) -> h, c, logits float32[B,V]
+  extend(h, c, logits, num_chars int32, temperature float32[B], top_k int32[B],
+         seed int64[B], position int64[B]) -> ids int32[B,n], text string[B], h, c, logits
+`prime` and `extend` let a server stream and batch rows of different requests
+(pipeline/serve): the state is carried between calls, and every row samples
+from its own seed and position (generate.choose_rows), so a row's text does
+not depend on its batch-mates or on chunk sizes. `generate` and
+`serving_default` keep their batch-wide seed and their exact outputs.
 The vocabulary is embedded as constants (no lookup-table resource) and also
 shipped as `assets/vocab.json`.
 
@@ -63,6 +71,13 @@ class CharLSTMModule(tf.Module):
     self.serve = tf.function(self._serve, input_signature=[
         tf.TensorSpec([None], tf.string, name='prompts')])
     self.vocab = tf.function(self._vocab, input_signature=[])
+    self.prime = tf.function(self._prime, input_signature=[
+        tf.TensorSpec([None], tf.string, name='prompts')])
+    rows = lambda dtype, name: tf.TensorSpec([None], dtype, name=name)
+    self.extend = tf.function(self._extend, input_signature=[
+        state, state, tf.TensorSpec([None, self._v], tf.float32, name='logits'),
+        tf.TensorSpec([], tf.int32, name='num_chars'), rows(tf.float32, 'temperature'),
+        rows(tf.int32, 'top_k'), rows(tf.int64, 'seed'), rows(tf.int64, 'position')])
 
   def _step_fn(self, one_hot, h, c):
     # One char per call: the LSTM layers run their cell once, without the
@@ -99,6 +114,18 @@ class CharLSTMModule(tf.Module):
 
   def _vocab(self):
     return {'chars': self._chars}
+
+  def _prime(self, prompts):
+    h, c, logits = generate_lib.prime(self._step_fn, self._v, self._codepoints,
+                                      self._num_layers, self._hidden, prompts)
+    return {'h': h, 'c': c, 'logits': logits}
+
+  def _extend(self, h, c, logits, num_chars, temperature, top_k, seed, position):
+    tf.debugging.assert_non_negative(num_chars, 'num_chars must be >= 0')
+    ids, text, h, c, logits = generate_lib.extend(
+        self._step_fn, self._chars, h, c, logits, num_chars, temperature, top_k, seed,
+        position)
+    return {'ids': ids, 'text': text, 'h': h, 'c': c, 'logits': logits}
 
 
 def portable_copy(models, vocab_size):
@@ -138,7 +165,8 @@ def export_models(models, vocab, export_dir, extra_assets=None):
     tf.saved_model.save(
         module, tmp_dir,
         signatures={'serving_default': module.serve, 'step': module.step,
-                    'generate': module.generate, 'vocab': module.vocab})
+                    'generate': module.generate, 'vocab': module.vocab,
+                    'prime': module.prime, 'extend': module.extend})
     for name, path in (extra_assets or {}).items():
       storage.copy(path, storage.join(tmp_dir, 'assets', name))
     storage.replace_dir(tmp_dir, export_dir)

@@ -6,6 +6,14 @@ what made the seed post's `predict`-per-character sampler crawl.
 
 Randomness is stateless and seeded by the caller: the same seed gives the same
 text in any process. Temperature <= 0 is greedy decoding.
+
+`generate` draws one stateless seed for the whole batch. A server that batches
+rows of different requests, and streams them chunk by chunk, needs more: a
+row's text must not depend on its batch-mates or on where chunks end. `prime`
+and `extend` split generation at the state (h, c, logits), and
+`choose_rows` samples each row from its own (seed, position) by Gumbel-max
+over counter-based noise, so every character is a pure function of the row's
+seed, its position and its state.
 """
 
 import tensorflow as tf
@@ -51,6 +59,33 @@ def choose(logits, temperature, top_k, seed, i):
   return tf.where(temperature > 0, sampled, greedy)
 
 
+def prime(step_fn, vocab_size, vocab_codepoints, num_layers, hidden_size, prompts):
+  """Feeds each prompt through the model; returns its state and next-char logits.
+
+  Returns:
+    (h, c, logits): float32 [B, L, H], [B, L, H], [B, V]. An empty prompt
+    keeps the zero state and zero (uniform) logits.
+  """
+  v = vocab_size
+  ids = prompt_ids(vocab_codepoints, prompts)
+  lengths = tf.cast(ids.row_lengths(), tf.int32)
+  b = tf.shape(prompts)[0]
+  padded = ids.to_tensor(default_value=0, shape=[None, None])
+  h = tf.zeros([b, num_layers, hidden_size])
+  c = tf.zeros([b, num_layers, hidden_size])
+  logits = tf.zeros([b, v])
+
+  # Prompts have different lengths: feed them in lockstep and let a row's
+  # state and logits advance only while it still has prompt characters.
+  for t in tf.range(tf.shape(padded)[1]):
+    out, h2, c2 = step_fn(tf.one_hot(padded[:, t][:, None], v), h, c)  # static length 1
+    live = t < lengths
+    h = tf.where(live[:, None, None], h2, h)
+    c = tf.where(live[:, None, None], c2, c)
+    logits = tf.where(live[:, None], out[:, 0], logits)
+  return h, c, logits
+
+
 def generate(step_fn, vocab_chars, vocab_codepoints, num_layers, hidden_size,
              prompts, num_chars, temperature, top_k, seed):
   """Continues each prompt by `num_chars` characters.
@@ -71,22 +106,8 @@ def generate(step_fn, vocab_chars, vocab_codepoints, num_layers, hidden_size,
     string[B]: the continuations only (without the prompts).
   """
   v = tf.shape(vocab_chars)[0]
-  ids = prompt_ids(vocab_codepoints, prompts)
-  lengths = tf.cast(ids.row_lengths(), tf.int32)
   b = tf.shape(prompts)[0]
-  padded = ids.to_tensor(default_value=0, shape=[None, None])
-  h = tf.zeros([b, num_layers, hidden_size])
-  c = tf.zeros([b, num_layers, hidden_size])
-  logits = tf.zeros([b, v])
-
-  # Prompts have different lengths: feed them in lockstep and let a row's
-  # state and logits advance only while it still has prompt characters.
-  for t in tf.range(tf.shape(padded)[1]):
-    out, h2, c2 = step_fn(tf.one_hot(padded[:, t][:, None], v), h, c)  # static length 1
-    live = t < lengths
-    h = tf.where(live[:, None, None], h2, h)
-    c = tf.where(live[:, None, None], c2, c)
-    logits = tf.where(live[:, None], out[:, 0], logits)
+  h, c, logits = prime(step_fn, v, vocab_codepoints, num_layers, hidden_size, prompts)
 
   # Slot 0 holds a dummy row so that stack() works for num_chars == 0.
   chosen = tf.TensorArray(tf.int32, size=num_chars + 1, element_shape=[None])
@@ -98,3 +119,101 @@ def generate(step_fn, vocab_chars, vocab_codepoints, num_layers, hidden_size,
     logits = out[:, 0]
   picked = tf.transpose(chosen.stack()[1:])
   return tf.strings.reduce_join(tf.gather(vocab_chars, picked), axis=1)
+
+
+# murmur3's 64-bit finaliser (fmix64): a bijection whose output bits each
+# depend on every input bit. uint64 multiply, xor and shift wrap modulo 2^64
+# in TensorFlow (checked against Python integers).
+_FMIX_1 = 0xff51afd7ed558ccd
+_FMIX_2 = 0xc4ceb9fe1a85ec53
+_GOLDEN = 0x9e3779b97f4a7c15  # odd; keeps (seed, position, id) = 0 away from fmix64(0) = 0
+
+
+def _fmix64(k):
+  shift = tf.constant(33, tf.uint64)
+  k = tf.bitwise.bitwise_xor(k, tf.bitwise.right_shift(k, shift))
+  k = k * tf.constant(_FMIX_1, tf.uint64)
+  k = tf.bitwise.bitwise_xor(k, tf.bitwise.right_shift(k, shift))
+  k = k * tf.constant(_FMIX_2, tf.uint64)
+  return tf.bitwise.bitwise_xor(k, tf.bitwise.right_shift(k, shift))
+
+
+def row_uniform(seed, position, vocab_size):
+  """Counter-based uniforms in (0, 1), float64 [B, V]: a hash of (seed, position, id).
+
+  Args:
+    seed: int64 [B], any value (bit-cast, so negative seeds are distinct).
+    position: int64 [B], the index of the character being chosen.
+    vocab_size: V.
+  """
+  golden = tf.constant(_GOLDEN, tf.uint64)
+  s = tf.bitcast(tf.cast(seed, tf.int64), tf.uint64)
+  p = tf.bitcast(tf.cast(position, tf.int64), tf.uint64)
+  row = _fmix64(tf.bitwise.bitwise_xor(_fmix64(s + golden), p))
+  ids = tf.cast(tf.range(vocab_size), tf.uint64) + tf.constant(1, tf.uint64)
+  bits = _fmix64(row[:, None] + ids[None, :] * golden)
+  # The top 53 bits, centred in their cell: never exactly 0 or 1, so the
+  # Gumbel noise below is always finite.
+  top = tf.cast(tf.bitwise.right_shift(bits, tf.constant(11, tf.uint64)), tf.float64)
+  return (top + 0.5) * (2.0 ** -53)
+
+
+def choose_rows(logits, temperature, top_k, seed, position):
+  """Picks next ids (B,) from float32 logits (B, V), each row with its own settings.
+
+  Gumbel-max: argmax(logits / T + Gumbel noise) samples softmax(logits / T),
+  and with counter-based noise (`row_uniform`) a row's choice depends only on
+  its own logits, seed and position. Conventions as in `choose`: temperature
+  <= 0 is greedy, top_k <= 0 keeps every id, ties go to the lower id in
+  greedy and in the top-k cut, so top_k=1 is exactly greedy.
+
+  Args:
+    logits: float32 [B, V].
+    temperature: float32 [B].
+    top_k: int32 [B].
+    seed, position: int64 [B].
+  """
+  v = tf.shape(logits)[-1]
+  # tf.math.top_k lists equal values lower index first: order[:, 0] is the
+  # greedy id and rank is each id's place in that order (ranked on the raw
+  # logits; dividing by a tiny temperature could tie distinct values).
+  order = tf.math.top_k(logits, k=v).indices
+  rank = tf.argsort(order, axis=1, stable=True)
+  k = tf.where(top_k <= 0, v, tf.minimum(top_k, v))
+  keep = rank < k[:, None]
+  scaled = tf.cast(logits / tf.maximum(temperature, 1e-6)[:, None], tf.float64)
+  gumbel = -tf.math.log(-tf.math.log(row_uniform(seed, position, v)))
+  score = tf.where(keep, scaled + gumbel, tf.constant(-float('inf'), tf.float64))
+  sampled = tf.argmax(score, axis=1, output_type=tf.int32)
+  return tf.where(temperature > 0, sampled, order[:, 0])
+
+
+def extend(step_fn, vocab_chars, h, c, logits, num_chars, temperature, top_k, seed, position):
+  """Continues a batch from its state by `num_chars` characters, row by row.
+
+  Args:
+    step_fn: as for `generate`.
+    vocab_chars: string[V] constant.
+    h, c, logits: the state from `prime` or a previous `extend`.
+    num_chars: int32 scalar, >= 0.
+    temperature, top_k, seed: per row, as for `choose_rows`.
+    position: int64 [B], each row's count of characters generated so far
+      (0 after `prime`); the next chunk starts there.
+
+  Returns:
+    (ids int32 [B, num_chars], text string [B], h, c, logits): the chunk and
+    the state to continue from. Chunks of any sizes give the same text as one
+    call.
+  """
+  v = tf.shape(vocab_chars)[0]
+  b = tf.shape(h)[0]
+  position = tf.cast(position, tf.int64)
+  chosen = tf.TensorArray(tf.int32, size=num_chars + 1, element_shape=[None])
+  chosen = chosen.write(0, tf.zeros([b], tf.int32))  # a dummy row, as in generate
+  for i in tf.range(num_chars):
+    nxt = choose_rows(logits, temperature, top_k, seed, position + tf.cast(i, tf.int64))
+    chosen = chosen.write(i + 1, nxt)
+    out, h, c = step_fn(tf.one_hot(nxt[:, None], v), h, c)
+    logits = out[:, 0]
+  ids = tf.reshape(tf.transpose(chosen.stack()[1:]), [b, num_chars])
+  return ids, tf.strings.reduce_join(tf.gather(vocab_chars, ids), axis=1), h, c, logits
