@@ -15,6 +15,14 @@ and then run the real work with the venv's python (`run`, `exec_module`).
 
 CHARLSTM_VENV overrides the venv location (default: <repo>/.venv).
 
+The test extra pulls in the serve extra (the server's tests run it), so the
+test venvs hold `-e .[cpu,test]` and the HTTP stack; training machines
+install `.[cpu]`, `.[gpu]` or `.[tpu]` without it. The browser test also needs
+a system Chromium, which pip cannot install: `chromium()` finds Debian's
+/usr/bin/chromium, runs `apt-get install -y chromium` when it is missing and
+we are root, and otherwise fails with one line saying how to install it
+(.ci/run calls it first; the browser test calls it too, so it never skips).
+
 One venv per supported TensorFlow minor (TF_PINS): the main venv gets whatever
 TF pyproject.toml's cpu extra resolves to (pip picks the newest, 2.21), and
 `ensure(tf='2.20')` keeps a second venv, <main venv>-tf2.20, that installs the
@@ -53,6 +61,15 @@ TF_PINS = {
     '2.21': (),
     '2.20': ('tensorflow-cpu==2.20.*', 'tensorboard==2.20.*'),
 }
+
+
+# Debian's package; Playwright drives it (a `playwright install` browser
+# download cannot work on a closed network).
+CHROMIUM = '/usr/bin/chromium'
+
+
+class MissingBrowser(errors.Error):
+  """The browser test's Chromium is missing and cannot be installed from here."""
 
 
 def say(message):
@@ -247,3 +264,35 @@ def exec_module(module, args=(), venv=None):
     sys.exit(run(argv[1:], venv=venv))
   os.chdir(pipeline.ROOT)
   os.execve(python, argv, _env())
+
+
+def chromium(path=CHROMIUM):
+  """Returns `path`, after `apt-get install -y chromium` if it is missing and we are root.
+
+  Raises MissingBrowser (one line: how to install it) when it is missing and
+  cannot be installed here.
+  """
+  if os.path.exists(path):
+    return path
+  how = f'the browser test needs Chromium at {path}: run `sudo apt-get install -y chromium`'
+  if os.name != 'posix' or os.geteuid() != 0 or not shutil.which('apt-get'):
+    raise MissingBrowser(f'{how} (Debian/Ubuntu), then re-run.')
+  env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+  install = ['apt-get', 'install', '-y', '-q', 'chromium']
+  say(f'{path} is missing; running `{" ".join(install)}` for the browser test ...')
+  code = subprocess.call(install, env=env)
+  if code:  # stale or missing package lists: refresh them once and retry
+    subprocess.call(['apt-get', 'update', '-q'], env=env)
+    code = subprocess.call(install, env=env)
+  if code or not os.path.exists(path):
+    raise MissingBrowser(f'`{" ".join(install)}` failed (exit {code}), and the browser test '
+                         f'needs Chromium at {path}; install it by hand, then re-run.')
+  return path
+
+
+def ensure_chromium():
+  """chromium() for scripts (.ci/run): a MissingBrowser is a one-line error, exit 2."""
+  try:
+    chromium()
+  except MissingBrowser as e:
+    errors.fail(e)
