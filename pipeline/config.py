@@ -71,6 +71,7 @@ def base_config():
   c.train.tpu_proxy = False  # CPU: compile each step exactly as a TPU does (XLA over the whole replica step, Keras's LSTM, bfloat16 inputs fed per step).
   c.train.fused_lstm = True  # CPU: the train step runs each LSTM layer as pipeline.fused_lstm (Keras's math, a 1.2-1.6x faster gradient); False: Keras's own loop.
   c.train.export = True  # Export a SavedModel to <workdir>/export when training ends.
+  c.train.init_from = ''  # Fine-tune: start from a workdir's latest checkpoint, an export dir or a checkpoint (merged vocabulary, fresh optimizer; not on resume).
 
   c.runtime = ml_collections.ConfigDict()
   c.runtime.strategy = 'auto'  # auto (TPU, then GPUs, then CPU), cpu, gpu, mirrored, multi_worker, tpu.

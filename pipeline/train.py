@@ -43,13 +43,38 @@ def _next_boundary(step, cfg):
   return min(nxt, step + t.steps_per_loop)
 
 
-def _open_corpus(config, workdir, write):
-  vocab = workdir_lib.load_vocab(workdir)
-  corpus = source.open_corpus(config.data, vocab)
-  if vocab is None and write:
+def _open_corpus(config, workdir, write, init=None):
+  """The run's corpus; a fine-tuning run's (`init`) on the merged vocabulary."""
+  saved = workdir_lib.load_vocab(workdir)
+  d = config.data
+  if saved is None and init is not None:
+    corpus = source.open_corpus(d)  # its own vocabulary first; then the merged one
+    corpus = workdir_lib.on_vocab(corpus, workdir_lib.merged_vocab(init, corpus.vocab),
+                                  d.max_vocab)
+  elif saved is not None and config.train.init_from and d.tfds_streaming:
+    # A streamed dataset decodes to its own vocabulary; a fine-tuned run's is larger.
+    corpus = workdir_lib.on_vocab(source.open_corpus(d), saved, d.max_vocab)
+  else:
+    corpus = source.open_corpus(d, saved)
+  if init is not None and set(init.vocab.chars) - set(corpus.vocab.chars):
+    raise config_lib.ConfigError(
+        f'{workdir} has a {workdir_lib.VOCAB_FILE} without some characters of '
+        f'train.init_from={init.path!r}; it was made for another source. Use a new --workdir.')
+  if saved is None and write:
     # Other workers build the same vocabulary from the same text themselves.
     corpus.vocab.save(workdir_lib.path(workdir, workdir_lib.VOCAB_FILE))
   return corpus
+
+
+def _init_source(config, workdir):
+  """train.init_from, opened and checked; None when not fine-tuning or when resuming
+  (the run's own checkpoint wins over its source)."""
+  if not config.train.init_from or tf.train.latest_checkpoint(
+      workdir_lib.path(workdir, workdir_lib.CKPT_DIR)):
+    return None
+  init = workdir_lib.open_init(config.train.init_from)
+  workdir_lib.check_init_model(init, config.model)
+  return init
 
 
 def check_prompt(config, vocab):
@@ -279,9 +304,10 @@ def train_and_evaluate(config, workdir, stop_at=None):
   distribute.check_batch(config.data.eval_batch_size, strategy, 'data.eval_batch_size')
 
   worker = distribute.worker(strategy)
+  init = _init_source(config, workdir)  # before anything is written: bad input leaves no trace
   storage.makedirs(workdir)
   workdir_lib.write_config(config, workdir, write=worker.is_chief)
-  corpus = _open_corpus(config, workdir, write=worker.is_chief)
+  corpus = _open_corpus(config, workdir, worker.is_chief, init)
   check_prompt(config, corpus.vocab)
   training = steps_lib.setup(config, strategy, corpus.vocab.size)
   checkpoints = ckpt_lib.Checkpointer(training.checkpoint(), workdir, worker,
@@ -290,6 +316,15 @@ def train_and_evaluate(config, workdir, stop_at=None):
   start = int(training.step.numpy())
   if restored:
     logging.info('Resumed from %s at step %d.', restored, start)
+  elif init is not None:
+    # Fresh optimizer, step 0 and schedule; only the weights come from the source.
+    workdir_lib.apply_init(init, training.models, corpus.vocab)
+    record = init.record(corpus.vocab)
+    if worker.is_chief:
+      storage.write_json(workdir_lib.path(workdir, workdir_lib.INIT_FILE), record)
+    logging.info('Fine-tuning from %s (%s, step %s); %d new character(s): %r.',
+                 init.checkpoint, init.kind, init.step, len(record['new_chars']),
+                 record['new_chars'])
   if worker.is_chief:
     checkpoints.copy_vocab()
   train_ds, eval_ds, eval_layout = datasets(config, strategy, corpus, start)

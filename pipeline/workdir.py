@@ -7,13 +7,17 @@
   <workdir>/export/         the SavedModel written when training ends
   <workdir>/history.json    losses by step; loss.png plots them
   <workdir>/tb/             TensorBoard summaries
+  <workdir>/init_from.json  a fine-tuning run's source (train.init_from), resolved
 
 Every stage names these files through this module, so nothing imports the
-train loop for a constant.
+train loop for a constant. Fine-tuning (train.init_from) reads its source run,
+export or checkpoint here too, and maps the trained weights onto the merged
+vocabulary (`open_init`, `apply_init`).
 """
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline import config as config_lib
@@ -136,3 +140,179 @@ def open_run(workdir, checkpoint='latest', precision=None):
                    f'{vocab.size}): {str(e).splitlines()[0][:200]}') from None
   status.expect_partial()
   return Run(workdir, cfg, vocab, models, prefix, checkpoint_step(prefix))
+
+
+# Fine-tuning: train.init_from names trained weights to start a new run from.
+
+INIT_FILE = 'init_from.json'  # what a fine-tuning run started from, written when it starts
+_VALUE = '/.ATTRIBUTES/VARIABLE_VALUE'
+INPUT_KERNEL = 'lstm_0/lstm_cell/kernel'  # rows: one per input character
+OUTPUT_KERNEL, OUTPUT_BIAS = 'logits/kernel', 'logits/bias'  # columns / entries: per output char
+
+
+@dataclasses.dataclass
+class InitSource:
+  """Trained weights to start from: a workdir's latest checkpoint, an export or a checkpoint."""
+  path: str  # train.init_from as given
+  kind: str  # 'workdir', 'export' or 'checkpoint'
+  checkpoint: str  # the checkpoint prefix the weights are read from
+  step: object  # its training step (int), or None (an export does not record it)
+  vocab: corpus_lib.Vocab
+  weights: dict  # Keras weight path ('lstm_0/lstm_cell/kernel', 'logits/bias', ...) -> array
+
+  @property
+  def num_layers(self):
+    return sum(1 for k in self.weights if k.endswith('/lstm_cell/kernel'))
+
+  @property
+  def hidden_size(self):
+    return int(self.weights['lstm_0/lstm_cell/recurrent_kernel'].shape[0])
+
+  def record(self, vocab):
+    """init_from.json: where the run started, and how the vocabularies met."""
+    old = set(self.vocab.chars)
+    return {'init_from': self.path, 'kind': self.kind, 'checkpoint': self.checkpoint,
+            'step': self.step, 'num_layers': self.num_layers, 'hidden_size': self.hidden_size,
+            'vocab_size': self.vocab.size, 'new_vocab_size': vocab.size,
+            'new_chars': ''.join(ch for ch in vocab.chars if ch not in old)}
+
+
+def _not_a_source(path, why):
+  return RunError(
+      f'train.init_from={path!r} is not a charlstm run, export or checkpoint ({why}). Pass '
+      'a training workdir, its export/ directory or a checkpoint prefix such as '
+      'WORKDIR/checkpoints/ckpt-1000.')
+
+
+def _checkpoint_weights(path, prefix):
+  """The model weights of a training checkpoint, by Keras weight path."""
+  reader = tf.train.load_checkpoint(prefix)
+  out = {}
+  for key in reader.get_variable_to_shape_map():
+    if key.startswith('model/') and key.endswith(_VALUE):
+      # checkpoint_weights() keys are paths with '/' -> '.'; the object graph escapes '.' as '..'.
+      out[key[len('model/'):-len(_VALUE)].replace('..', '.').replace('.', '/')] = \
+          reader.get_tensor(key)
+  if INPUT_KERNEL not in out:
+    raise _not_a_source(path, f'checkpoint {prefix} holds no charlstm model weights')
+  return out
+
+
+def _export_weights(path, prefix):
+  """The weights of an export: its `model_variables`, in the train model's weight order."""
+  reader = tf.train.load_checkpoint(prefix)
+  values = {}
+  for key in reader.get_variable_to_shape_map():
+    if key.startswith('model_variables/') and key.endswith(_VALUE):
+      values[int(key.split('/')[1])] = reader.get_tensor(key)
+  if len(values) < 5 or (len(values) - 2) % 3:
+    raise _not_a_source(path, f'the SavedModel holds {len(values)} model variables, not a '
+                        'charlstm model\'s 3 per LSTM layer + 2')
+  names = [f'lstm_{i}/lstm_cell/{w}' for i in range((len(values) - 2) // 3)
+           for w in ('kernel', 'recurrent_kernel', 'bias')] + [OUTPUT_KERNEL, OUTPUT_BIAS]
+  return {name: values[i] for i, name in enumerate(names)}
+
+
+def _vocab_near(path, *dirs):
+  for d in dirs:
+    p = storage.join(d, VOCAB_FILE)
+    if storage.exists(p):
+      return corpus_lib.Vocab.load(p)
+  raise _not_a_source(path, f'no {VOCAB_FILE} in {" or ".join(dirs)}')
+
+
+def open_init(path):
+  """Reads train.init_from: a workdir (its latest checkpoint), an export dir, or a checkpoint.
+
+  A checkpoint is a prefix (`.../ckpt-N`, with `.../ckpt-N.index`) or a
+  checkpoints/ or best/ directory (its latest); its vocabulary is the vocab.json
+  beside it (training copies one there) or in the workdir above.
+  """
+  path = path.rstrip('/')
+  if storage.exists(storage.join(path, 'saved_model.pb')):
+    prefix = storage.join(path, 'variables', 'variables')
+    kind, step, weights = 'export', None, _export_weights(path, prefix)
+    vocab = _vocab_near(path, storage.join(path, 'assets'))
+  elif storage.exists(storage.join(path, CONFIG_FILE)):
+    prefix = tf.train.latest_checkpoint(storage.join(path, CKPT_DIR))
+    if prefix is None:
+      raise _not_a_source(path, f'the workdir has no checkpoint in {CKPT_DIR}/ yet')
+    kind, step, weights = 'workdir', checkpoint_step(prefix), _checkpoint_weights(path, prefix)
+    vocab = _vocab_near(path, path)
+  else:
+    prefix = path if storage.exists(path + '.index') else tf.train.latest_checkpoint(path)
+    if prefix is None:
+      raise _not_a_source(path, f'no saved_model.pb, no {CONFIG_FILE}, no {path}.index')
+    kind, step, weights = 'checkpoint', checkpoint_step(prefix), _checkpoint_weights(path, prefix)
+    here = prefix.rsplit('/', 1)[0] if '/' in prefix else '.'
+    vocab = _vocab_near(path, here, here.rsplit('/', 1)[0] if '/' in here else '..')
+  rows, cols = weights[INPUT_KERNEL].shape[0], weights[OUTPUT_BIAS].shape[0]
+  if rows != vocab.size or cols != vocab.size:
+    raise _not_a_source(path, f'its weights take {rows} characters and predict {cols}, '
+                        f'its {VOCAB_FILE} has {vocab.size}')
+  return InitSource(path, kind, prefix, step, vocab, weights)
+
+
+def check_init_model(source, model_cfg):
+  """A fine-tuning run keeps the source's architecture; the message names both."""
+  have = (source.num_layers, source.hidden_size)
+  want = (model_cfg.num_layers, model_cfg.hidden_size)
+  if have != want:
+    raise config_lib.ConfigError(
+        f'train.init_from={source.path!r} is a model with num_layers={have[0]}, '
+        f'hidden_size={have[1]}; this config has num_layers={want[0]}, hidden_size='
+        f'{want[1]}. Fine-tuning keeps the architecture: set --config.model.num_layers='
+        f'{have[0]} --config.model.hidden_size={have[1]}.')
+
+
+def merged_vocab(source, corpus_vocab):
+  """The sorted union of the source's and the new corpus's characters."""
+  return corpus_lib.Vocab(tuple(sorted(set(source.vocab.chars) | set(corpus_vocab.chars))))
+
+
+def on_vocab(corpus, vocab, max_vocab):
+  """`corpus` with its ids in `vocab`, a superset of its own vocabulary (fine-tuning)."""
+  if vocab.size > max_vocab:
+    raise config_lib.ConfigError(
+        f'train.init_from and the corpus have {vocab.size} distinct characters together, '
+        f'more than data.max_vocab={max_vocab}. Raise it with '
+        f'--config.data.max_vocab={vocab.size}.')
+  index = {ch: i for i, ch in enumerate(vocab.chars)}
+  missing = ''.join(sorted(set(corpus.vocab.chars) - set(index)))
+  if missing:
+    raise config_lib.ConfigError(
+        f'The corpus has characters that the run\'s {VOCAB_FILE} lacks: {missing!r}. '
+        'Use a new --workdir.')
+  if corpus.streamed:  # the shards decode code points straight to ids of `codepoints`
+    cps = tuple(ord(ch) for ch in vocab.chars)
+    return dataclasses.replace(corpus, vocab=vocab,
+                               train=dataclasses.replace(corpus.train, codepoints=cps),
+                               val=dataclasses.replace(corpus.val, codepoints=cps))
+  lut = np.array([index[ch] for ch in corpus.vocab.chars], vocab.dtype)
+  return dataclasses.replace(corpus, vocab=vocab, train=lut[corpus.train], val=lut[corpus.val])
+
+
+def apply_init(source, models, vocab):
+  """Copies the source's trained weights into freshly initialised `models` of `vocab`.
+
+  A character in both vocabularies keeps its trained input weights (rows of
+  layer 0's kernel: the inputs are one-hot) and output weights (the logits
+  kernel's column and bias entry); a character new to `vocab` keeps the fresh
+  model's rows, as a model trained from scratch starts. Every other weight is
+  copied as it is.
+  """
+  index = {ch: i for i, ch in enumerate(vocab.chars)}
+  to = np.array([index[ch] for ch in source.vocab.chars], np.int64)
+  for w in models.train.weights:
+    value, src = w.numpy(), source.weights[w.path]
+    if w.path == INPUT_KERNEL or w.path == OUTPUT_BIAS:
+      value[to] = src
+    elif w.path == OUTPUT_KERNEL:
+      value[:, to] = src
+    elif value.shape == src.shape:
+      value = src
+    else:
+      raise config_lib.ConfigError(
+          f'train.init_from={source.path!r}: weight {w.path} has shape {list(src.shape)}, '
+          f'this model {list(value.shape)}.')
+    w.assign(value)
