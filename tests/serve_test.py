@@ -303,7 +303,14 @@ def test_concurrent_requests_share_batches_and_64_clients_x_5_have_no_errors(ser
   before = server.health()
   clients, per_client = 64, 5
 
-  async def client_loop(client, i, latencies, failures):
+  async def client_loop(i, latencies, failures):
+    # One client (and keep-alive connection) each, as 64 programs would have:
+    # 64 tasks sharing one httpx pool queue behind each other in the pool
+    # (p99 5 s here, against under 1 s with a client each or Connection: close).
+    async with httpx.AsyncClient(timeout=120) as client:
+      await requests(client, i, latencies, failures)
+
+  async def requests(client, i, latencies, failures):
     for j in range(per_client):
       body = {'prompt': 'ROMEO:', 'num_chars': 100, 'seed': i * per_client + j,
               'stream': bool(j % 2)}
@@ -320,12 +327,9 @@ def test_concurrent_requests_share_batches_and_64_clients_x_5_have_no_errors(ser
 
   async def load():
     latencies, failures = [], []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-      start = time.perf_counter()
-      await asyncio.gather(*(client_loop(client, i, latencies, failures)
-                             for i in range(clients)))
-      return latencies, failures, time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(client_loop(i, latencies, failures) for i in range(clients)))
+    return latencies, failures, time.perf_counter() - start
 
   latencies, failures, wall = asyncio.run(load())
   q = statistics.quantiles(latencies, n=100)
@@ -336,7 +340,7 @@ def test_concurrent_requests_share_batches_and_64_clients_x_5_have_no_errors(ser
         f'largest batch {after["max_batch_rows"]} rows, largest prime {after["max_prime_rows"]}')
   assert not failures, failures[:3]
   assert len(latencies) == clients * per_client
-  assert q[98] < 60, q[98]
+  assert q[98] < 20, q[98]  # generous: 2 shared cores
   assert after['requests'] - before['requests'] == clients * per_client
   assert after['max_batch_rows'] >= 16  # requests in flight together share one batch
   assert after['max_prime_rows'] > 1  # ... and arrivals within the window one prime
