@@ -37,9 +37,9 @@ def shared_export(tmp_path_factory):
   export = workdir / 'export'
   if not (export / 'saved_model.pb').exists():
     run(['-m', 'launch.train', '--config=configs/shakespeare.py:smoke', f'--workdir={workdir}',
-         f'--config.model.hidden_size={H}', '--config.train.num_steps=10',
-         '--config.train.steps_per_loop=10', '--config.train.eval_every=10',
-         '--config.train.checkpoint_every=10', '--config.train.log_every=10'])
+         f'--config.model.hidden_size={H}', '--config.train.num_steps=60',
+         '--config.train.steps_per_loop=20', '--config.train.eval_every=60',
+         '--config.train.checkpoint_every=60', '--config.train.log_every=20'])
   return export
 
 
