@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline import sample
+from pipeline.serve import engine
 from tests.conftest import CHILD_ENV, ROOT, error_lines, run
 
 H = 256
@@ -355,19 +356,28 @@ def test_startup_errors_are_one_line_and_exit_2(tmp_path, export):
   module = tf.Module()
   module.vocab = tf.function(lambda: {'chars': tf.constant(['a', 'b'])}, input_signature=[])
   tf.saved_model.save(module, str(old), signatures={'vocab': module.vocab})
-  cases = ((tmp_path / 'missing', 'No SavedModel at'), (broken, 'Cannot load the SavedModel'),
-           (old, 're-export with launch.export'))
-  # Side by side: each is mostly TensorFlow's import.
-  procs = [subprocess.Popen(  # pylint: disable=consider-using-with
-      [sys.executable, '-m', 'launch.serve', f'--saved_model={path}', f'--port={free_port()}'],
-      cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for path, _ in cases]
-  for proc, (_, message) in zip(procs, cases):
-    _, stderr = proc.communicate(timeout=120)
-    lines = error_lines(stderr)
-    assert proc.returncode == 2, stderr
-    assert len(lines) == 1 and lines[0].startswith('charlstm: error: ') and message in lines[0], (
-        stderr)
+  for path, message in ((tmp_path / 'missing', 'No SavedModel at'),
+                        (broken, 'Cannot load the SavedModel'),
+                        (old, 're-export with launch.export')):
+    with pytest.raises(engine.ServeError, match=message):  # in this process: milliseconds
+      engine.load(str(path))
+  # The launcher prints them as one line and exits 2: the old export, and a
+  # port already taken. Side by side, as each start is mostly TF's import.
+  with socket.socket() as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    cases = ((old, free_port(), 're-export with launch.export'),
+             (export, taken.getsockname()[1], 'Cannot listen on 127.0.0.1'))
+    procs = [subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, '-m', 'launch.serve', f'--saved_model={path}', f'--port={port}'],
+        cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for path, port, _ in cases]
+    for proc, (_, _, message) in zip(procs, cases):
+      _, stderr = proc.communicate(timeout=120)
+      lines = error_lines(stderr)
+      assert proc.returncode == 2, stderr
+      assert len(lines) == 1 and lines[0].startswith('charlstm: error: ') and message in lines[0], (
+          stderr)
 
 
 def test_binds_loopback_unless_told(server):
