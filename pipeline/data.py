@@ -18,7 +18,9 @@ Each element is a dict, every shape fully static (a TPU compiles for one):
   targets int32   (b, T) next-character ids,
   rows    int32   (b,) global row ids (which slice of carried state to use),
   reset   float32 (b,) 1 where the row starts from zero state,
-  step    int32   (b,) the global step (seeds dropout noise).
+  step    int32   (b,) the global step (seeds dropout noise),
+  weights float32 (b, T) validation layouts only (cover_all): 1 for the targets
+          the pass scores; the last, partial windows and padding rows weigh 0.
 
 Memory: only a batch is ever one-hot, and the ids are not copied to build the
 pipeline. `_ids_tensor` hands the numpy array to TensorFlow through DLPack,
@@ -82,11 +84,45 @@ class Layout:
   steps_per_epoch: int
   num_windows: int = 0  # shuffle mode
   stream_length: int = 0  # stream mode
+  cover_all: bool = False  # every target of the split once; batches carry 'weights'
+
+  @property
+  def num_targets(self):
+    """Characters a pass over the layout scores (with cover_all: all but the first)."""
+    if self.cover_all:
+      return self.length - 1
+    return self.steps_per_epoch * self.global_batch * self.seq_length
 
 
-def make_layout(num_ids, seq_length, global_batch, mode, split_name='train'):
-  """Computes the window layout and checks the split is long enough."""
+def _cover_all_layout(num_ids, t, global_batch, mode, split_name):
+  """Validation: every character but the first is a target exactly once.
+
+  shuffle: windows w = ids[w*T : w*T + T + 1] in order, zero state each; the
+  last batch is padded with empty rows. stream: B streams of L = ceil((n-1)/B)
+  targets each (the last one shorter), state carried; the last window of each
+  stream is partial. Targets past a window's end weigh 0 in 'weights'.
+  """
+  targets = num_ids - 1
+  if targets < 1:
+    raise DataError(f'The {split_name} split ({num_ids} chars) has no character to predict.')
+  if mode == 'shuffle':
+    windows = -(-targets // t)
+    return Layout(mode, num_ids, t, global_batch, -(-windows // global_batch),
+                  num_windows=windows, cover_all=True)
+  per_stream = -(-targets // global_batch)
+  return Layout(mode, num_ids, t, global_batch, -(-per_stream // t),
+                stream_length=per_stream, cover_all=True)
+
+
+def make_layout(num_ids, seq_length, global_batch, mode, split_name='train', cover_all=False):
+  """Computes the window layout and checks the split is long enough.
+
+  cover_all: the layout validation uses (in training and launch.evaluate),
+  which scores every character of the split instead of whole batches only.
+  """
   t = seq_length
+  if cover_all:
+    return _cover_all_layout(num_ids, t, global_batch, mode, split_name)
   if mode == 'shuffle':
     windows = (num_ids - 1) // t
     steps = windows // global_batch
@@ -137,6 +173,18 @@ def _starts_and_reset(layout, step, rows, seed, reset_prob, shuffle):
   else:
     random_reset = tf.zeros(tf.shape(rows), tf.float32)
   return starts, tf.maximum(random_reset, epoch_start)
+
+
+def _cover_weights(layout, step, rows, positions):
+  """float32 (b, T): 1 where the target at positions[:, 1:] belongs to this row's window."""
+  last = tf.cast(layout.length - 1, tf.int64)  # the last id of the split
+  if layout.mode == 'stream':
+    # Row r's stream predicts ids r*L + 1 .. (r+1)*L.
+    last = tf.minimum(last, (tf.cast(rows, tf.int64) + 1) * layout.stream_length)[:, None]
+  else:
+    window = tf.cast(step, tf.int64) * layout.global_batch + tf.cast(rows, tf.int64)
+    last = tf.where(window < layout.num_windows, last, -1)[:, None]  # padding rows
+  return tf.cast(positions[:, 1:] <= last, tf.float32)
 
 
 def _element(window, vocab_size, step, rows, reset, input_dtype):
@@ -202,8 +250,15 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
     replica = first_replica + element[0] % local
     rows = replica * per_replica + tf.range(per_replica, dtype=tf.int64)
     starts, reset = _starts_and_reset(layout, step, rows, seed, reset_prob, shuffle)
-    window = tf.gather(ids_t, starts[:, None] + tf.range(t + 1, dtype=tf.int64))
-    return _element(tf.cast(window, tf.int32), vocab_size, step, rows, reset, input_dtype)
+    positions = starts[:, None] + tf.range(t + 1, dtype=tf.int64)
+    if layout.cover_all:  # partial windows: gather in range, weigh what is past the end 0
+      weights = _cover_weights(layout, step, rows, positions)
+      positions = tf.minimum(positions, layout.length - 1)
+    window = tf.gather(ids_t, positions)
+    element = _element(tf.cast(window, tf.int32), vocab_size, step, rows, reset, input_dtype)
+    if layout.cover_all:
+      element['weights'] = weights
+    return element
 
   if num_steps is None:
     flat = tf.data.Dataset.range(start_step * local * per_replica, np.iinfo(np.int64).max)
@@ -223,9 +278,9 @@ def make_dataset(ids, vocab_size, layout, input_context=None, *, seed=0,
   return ds.with_options(options)
 
 
-def _row_windows(source, first, stop, t):
-  """Windows of t + 1 ids at first, first + t, ... from source's ids [first, stop)."""
-  chunks = source.chars(first, stop).rebatch(t)  # [t], [t], ..., [1]
+def _row_windows(chars, t):
+  """Windows of t + 1 ids at 0, t, 2t, ... of the id vectors `chars` (a dataset)."""
+  chunks = chars.rebatch(t)  # [t], [t], ..., [1]
 
   def pair(state, chunk):
     prev, ready = state
@@ -252,12 +307,19 @@ def _streamed_dataset(source, vocab_size, layout, first_replica, local, per_repl
   """
   t, length, spe = layout.seq_length, layout.stream_length, layout.steps_per_epoch
   k0 = start_step % spe
+  n = layout.length
+  if layout.cover_all and start_step:
+    raise DataError('A whole-split (validation) layout is read from its first step.')
 
   def row(r):
     base = r * length
     end = base + spe * t + 1
-    rest = _row_windows(source, base + k0 * t, end, t)
-    return rest.concatenate(_row_windows(source, base, end, t).repeat())
+    if layout.cover_all:  # validation: one pass, the stream's tail padded to whole windows
+      lo, hi = tf.minimum(base, n - 1), tf.minimum(end, n)
+      pad = tf.data.Dataset.from_tensors(tf.zeros([end - base - (hi - lo)], tf.int32))
+      return _row_windows(source.chars(lo, hi).concatenate(pad), t)
+    rest = _row_windows(source.chars(base + k0 * t, end), t)
+    return rest.concatenate(_row_windows(source.chars(base, end), t).repeat())
 
   rows = tf.data.Dataset.range(first_replica * per_replica,
                                (first_replica + local) * per_replica)
@@ -271,8 +333,12 @@ def _streamed_dataset(source, vocab_size, layout, first_replica, local, per_repl
     step = start_step + j // local
     replica = first_replica + j % local
     rows = replica * per_replica + tf.range(per_replica, dtype=tf.int64)
-    _, reset = _starts_and_reset(layout, step, rows, seed, reset_prob, False)
-    return _element(window, vocab_size, step, rows, reset, input_dtype)
+    starts, reset = _starts_and_reset(layout, step, rows, seed, reset_prob, False)
+    element = _element(window, vocab_size, step, rows, reset, input_dtype)
+    if layout.cover_all:
+      positions = starts[:, None] + tf.range(t + 1, dtype=tf.int64)
+      element['weights'] = _cover_weights(layout, step, rows, positions)
+    return element
 
   ds = ds.enumerate().map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)

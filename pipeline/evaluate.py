@@ -46,10 +46,11 @@ def evaluate(workdir, checkpoint='latest', batch_size=None):
   shuffle-mode run's does. The corpus is opened as training opened it (a
   TFDS-streamed corpus is streamed here too).
 
-  Which characters count: with batch_size=1, 'carried' is one stream over
-  the split's ids v[0..N-1] and scores the targets v[1..k*T], k = (N-1) // T
-  (the final partial window is dropped); `score` of the text v[0..k*T] gives
-  the same figure ('chars' is k*T either way).
+  Which characters count: every one but the first, v[1..N-1] of the split's
+  ids v[0..N-1], either way ('chars' is N-1), as in training's validation:
+  the last, partial windows and batch are included and masked. With
+  batch_size=1, 'carried' is one stream over the split, so `score` of the
+  split's text gives the same figure.
   """
   # pylint: disable=g-import-not-at-top  # training code, kept out of `score`'s imports
   from pipeline import data as data_lib
@@ -63,16 +64,18 @@ def evaluate(workdir, checkpoint='latest', batch_size=None):
   layers, hidden, t = cfg.model.num_layers, cfg.model.hidden_size, cfg.data.seq_length
 
   @tf.function
-  def batch_loss(inputs, targets, h, c):
+  def batch_loss(inputs, targets, weights, h, c):
     logits, h, c = models.train([tf.cast(inputs, tf.float32), h, c], training=False)
-    return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)), h, c
+    per_char = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
+    return tf.reduce_sum(per_char * weights), tf.reduce_sum(weights), h, c
 
   out = {'step': run.step}
   for way in WAYS:
     # A streamed corpus has no random access: zero_state then resets the
     # state of each stream at every window instead of visiting windows in order.
     mode = 'stream' if way == 'carried' or corpus.streamed else 'shuffle'
-    layout = data_lib.make_layout(len(corpus.val), t, batch_size, mode, 'validation')
+    layout = data_lib.make_layout(len(corpus.val), t, batch_size, mode, 'validation',
+                                  cover_all=True)
     ds = data_lib.make_dataset(corpus.val, run.vocab.size, layout, shuffle=False,
                                num_steps=layout.steps_per_epoch, streamed=corpus.streamed)
     h, c = model_lib.zero_state(batch_size, layers, hidden)
@@ -80,9 +83,9 @@ def evaluate(workdir, checkpoint='latest', batch_size=None):
     for batch in ds:
       if way == 'zero_state':
         h, c = model_lib.zero_state(batch_size, layers, hidden)
-      loss, h, c = batch_loss(batch['inputs'], batch['targets'], h, c)
+      loss, count, h, c = batch_loss(batch['inputs'], batch['targets'], batch['weights'], h, c)
       total += float(loss)
-      chars += int(np.prod(batch['targets'].shape))
+      chars += int(count)
     out[way] = total / chars
     out['chars'] = chars
   return out

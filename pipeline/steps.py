@@ -132,7 +132,7 @@ def _carry_out(state_vars, batch, new_states):
 @dataclasses.dataclass
 class Loops:
   train: object  # (iterator, n) -> mean train loss over the n steps (nats/char)
-  eval: object  # (iterator, n) -> summed validation loss (nats)
+  eval: object  # (iterator, n) -> summed validation loss (nats) over the weighted targets
   step: object = None  # one replica's step (batch) -> loss; XLA-compiled in 'replica' mode
   fused: bool = False  # whether the train step runs the LSTMs as pipeline.fused_lstm
 
@@ -222,8 +222,11 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
                                   training=False)
     if stream:
       _carry_out(eval_state, batch, (h2, c2))
-    return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-        batch['targets'], tf.cast(logits, tf.float32)))
+    per_char = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        batch['targets'], tf.cast(logits, tf.float32))
+    if 'weights' in batch:  # a whole-split layout: partial windows and padding weigh 0
+      per_char *= batch['weights']
+    return tf.reduce_sum(per_char)
 
   @tf.function
   def eval_loop(iterator, n):

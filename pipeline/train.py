@@ -95,8 +95,9 @@ def datasets(config, strategy, corpus, start):
   vocab_size, stream = corpus.vocab.size, d.mode == 'stream'
   dtype = steps_lib.input_dtype(strategy, config.train.tpu_proxy)
   train_layout = data_lib.make_layout(len(corpus.train), d.seq_length, d.batch_size, d.mode)
+  # Validation scores every character of the split (the last partial batch masked).
   eval_layout = data_lib.make_layout(len(corpus.val), d.seq_length, d.eval_batch_size,
-                                     d.mode, 'validation')
+                                     d.mode, 'validation', cover_all=True)
   logging.info('Corpus: %d train / %d val chars, vocab %d; %d steps per epoch.',
                len(corpus.train), len(corpus.val), vocab_size, train_layout.steps_per_epoch)
   train_ds = strategy.distribute_datasets_from_function(
@@ -248,9 +249,9 @@ class _Loop:
     self.window_steps, self.window_seconds = 0, 0.0
 
   def evaluate(self):
-    n, d = self.eval_layout.steps_per_epoch, self.config.data
+    n = self.eval_layout.steps_per_epoch
     total = float(self.guard(self.training.loops.eval, iter(self.eval_ds), tf.constant(n)))
-    return total / (n * d.eval_batch_size * d.seq_length)
+    return total / self.eval_layout.num_targets
 
   def evaluate_and_sample(self, step):
     val_loss = self.evaluate()

@@ -271,3 +271,26 @@ def test_make_layout_rejects_split_shorter_than_one_batch(mode, enough):
   assert 'validation split' in msg
   assert f'({enough - 1} chars)' in msg
   assert 'batch size' in msg
+
+
+@pytest.mark.parametrize('mode', ['shuffle', 'stream'])
+@pytest.mark.parametrize('n,batch', [(1000, 8), (1003, 8), (97, 4), (50, 8)])
+def test_validation_layout_scores_every_character_exactly_once(mode, n, batch):
+  # Whole-split validation: the last partial batch is included and masked.
+  ids = np.random.default_rng(n).integers(0, 7, n).astype(np.uint8)
+  layout = data_lib.make_layout(n, T, batch, mode, 'validation', cover_all=True)
+  assert layout.num_targets == n - 1
+  ds = data_lib.make_dataset(ids, 7, layout, num_steps=layout.steps_per_epoch, shuffle=False)
+  assert all(spec.shape.is_fully_defined() for spec in ds.element_spec.values())
+  batches = _batches(ds)
+  weights = np.stack([b['weights'] for b in batches])  # (steps, batch, T)
+  targets = np.stack([b['targets'] for b in batches])
+  assert weights.sum() == n - 1
+  assert set(np.unique(weights)) <= {0.0, 1.0}
+  if mode == 'stream':  # row r, read step by step, is one contiguous stream
+    scored = np.concatenate([targets[:, r].reshape(-1)[weights[:, r].reshape(-1) > 0]
+                             for r in range(batch)])
+    assert all(b['reset'][0] == (k == 0) for k, b in enumerate(batches))
+  else:  # windows in text order: step-major, then row
+    scored = targets.reshape(-1)[weights.reshape(-1) > 0]
+  np.testing.assert_array_equal(scored, ids[1:])

@@ -19,18 +19,15 @@ def score_cli(export, *flags, check=True):
 def test_validation_split_as_one_text_equals_evaluate_carried_with_one_stream(smoke_run, tmp_path):
   cfg, vocab = workdir_lib.read_config(smoke_run), workdir_lib.load_vocab(smoke_run)
   val = vocab.decode(source.open_corpus(cfg.data, vocab).val)  # the split training saw
-  t = cfg.data.seq_length
-  # evaluate(batch_size=1) 'carried' is one stream over the split from zero state: it scores
-  # the targets val[1..k*T] (k = (N-1) // T windows; the partial tail is dropped). The text
-  # val[0..k*T] scores exactly those targets.
-  k = (len(val) - 1) // t
+  # evaluate(batch_size=1) 'carried' is one stream over the split from zero state: it
+  # scores every character but the first, as scoring the split's text does.
   path = tmp_path / 'val.txt'
-  path.write_text(val[:k * t + 1], encoding='utf-8')
+  path.write_text(val, encoding='utf-8')
   out = tmp_path / 'scores.json'
   proc = score_cli(smoke_run / 'export', f'--text_file={path}', f'--json={out}')
   scored = json.loads(out.read_text())['overall']
   want = evaluate.evaluate(str(smoke_run), batch_size=1)
-  assert want['chars'] == k * t == scored['chars_scored']
+  assert want['chars'] == len(val) - 1 == scored['chars_scored']
   assert scored['nats_per_char'] == pytest.approx(want['carried'], abs=1e-3)
   assert abs(scored['nats_per_char'] - want['carried']) < 1e-5  # it is float32 round-off
   assert scored['bits_per_char'] == pytest.approx(want['carried'] / np.log(2))
