@@ -12,6 +12,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -19,7 +20,9 @@ import pytest
 import tensorflow as tf
 
 from pipeline import sample
+from pipeline.cloud import gcs as gcs_lib
 from pipeline.serve import engine
+from tests import gcs_emulator
 from tests.conftest import CHILD_ENV, ROOT, error_lines, run
 
 H = 256
@@ -53,15 +56,14 @@ def free_port():
 class Server:
   """`python -m launch.serve` in a subprocess; ready once /healthz answers."""
 
-  def __init__(self, saved_model, *flags, timeout=120):
+  def __init__(self, saved_model, *flags, timeout=120, env=None):
     self.port = free_port()
     self.url = f'http://127.0.0.1:{self.port}'
-    self.log = open(os.path.join(os.path.dirname(str(saved_model)), f'serve-{self.port}.log'),
-                    'w+', encoding='utf-8')
+    self.log = tempfile.TemporaryFile('w+', encoding='utf-8')  # pylint: disable=consider-using-with
     self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
         [sys.executable, '-m', 'launch.serve', f'--saved_model={saved_model}',
-         f'--port={self.port}', *flags], cwd=ROOT, env=CHILD_ENV, stdout=self.log,
-        stderr=subprocess.STDOUT, text=True)
+         f'--port={self.port}', *flags], cwd=ROOT, env={**CHILD_ENV, **(env or {})},
+        stdout=self.log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
     while True:
       if self.proc.poll() is not None:
@@ -389,3 +391,19 @@ def test_binds_loopback_unless_told(server):
     with socket.socket() as s:
       s.settimeout(1)
       assert s.connect_ex((addr, server.port)) != 0, addr
+
+
+def test_serves_an_export_from_gs(server, export, tmp_path):
+  """--saved_model=gs://...: a local GCS (tests/gcs_emulator.py) holds a copy of the export."""
+  body = {'prompt': 'ROMEO:', 'num_chars': 60, 'seed': 4}
+  with gcs_emulator.serving(tmp_path / 'gcs', 'charlstm-serve') as emulator:
+    gcs_lib.upload_dir(str(export), 'gs://charlstm-serve/export')
+    remote = Server('gs://charlstm-serve/export', env=emulator.tf_env())
+    try:
+      info = httpx.get(f'{remote.url}/v1/model', timeout=30).json()
+      assert info['saved_model'] == 'gs://charlstm-serve/export'
+      assert info['config']['model']['hidden_size'] == H
+      assert post(remote.url, body).json()['text'] == post(server.url, body).json()['text']
+      assert any('export' in entry[2] for entry in emulator.proxy.log)  # read through GCS
+    finally:
+      remote.stop()
