@@ -15,9 +15,10 @@ and then run the real work with the venv's python (`run`, `exec_module`).
 
 CHARLSTM_VENV overrides the venv location (default: <repo>/.venv).
 
-The test extra pulls in the serve extra (the server's tests run it), so the
-test venvs hold `-e .[cpu,test]` and the HTTP stack; training machines
-install `.[cpu]`, `.[gpu]` or `.[tpu]` without it. The browser test also needs
+The test extra pulls in the serve and litert extras (their tests run them), so
+the test venvs hold `-e .[cpu,test]`, the HTTP stack and ai-edge-litert (so
+EXTRAS stays cpu,test); training machines install `.[cpu]`, `.[gpu]` or
+`.[tpu]` without them. The browser test also needs
 a system Chromium, which pip cannot install: `chromium()` finds Debian's
 /usr/bin/chromium, runs `apt-get install -y chromium` when it is missing and
 we are root, and otherwise fails with one line saying how to install it
