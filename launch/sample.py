@@ -4,7 +4,8 @@ r"""Generates text from an exported charlstm SavedModel (no training code needed
       --length=400 --temperature=0.8 --seed=1
 
 --prompt repeats; --prompt_file adds one prompt per line. --temperature=0 is
-greedy. Each sample is printed as prompt + continuation.
+greedy; --top_k and --top_p (nucleus) narrow the choice; --stop (repeatable)
+ends a sample before that string. Each sample is printed as prompt + continuation.
 """
 
 import secrets
@@ -20,6 +21,10 @@ _PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'File with one prompt pe
 _LENGTH = flags.DEFINE_integer('length', 400, 'Characters to generate per sample.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 is greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest chars; 0 = all.')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the likeliest chars holding this '
+                            'much probability, in (0, 1]; 1 = all.')
+_STOP = flags.DEFINE_multi_string('stop', [], 'End a sample before its first occurrence of this '
+                                  'string (not printed); repeat for several.')
 _SEED = flags.DEFINE_integer('seed', None, 'Sampling seed; random (and printed) if unset.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Samples per prompt.')
 flags.mark_flag_as_required('saved_model')
@@ -37,7 +42,8 @@ def main(argv):
   if _SEED.value is None:
     print(f'(seed {seed})')
   results = sample.sample(_SAVED_MODEL.value, prompts, _LENGTH.value, _TEMPERATURE.value,
-                          _TOP_K.value, seed, _NUM_SAMPLES.value)
+                          _TOP_K.value, seed, _NUM_SAMPLES.value, top_p=_TOP_P.value,
+                          stop=_STOP.value)
   for i, (prompt, text) in enumerate(results):
     if i:
       print('\n' + '-' * 40)

@@ -5,11 +5,14 @@ Serving can call them):
   step(ids int32[B], h float32[B,L,H], c float32[B,L,H]) -> logits, probs, h, c
   generate(prompts string[B], num_chars int32, temperature float32,
            top_k int32, seed int64) -> text string[B]
+  decode(prompts, num_chars, temperature, top_k, top_p float32, seed) -> text:
+           generate with nucleus sampling; top_p=1 gives generate's text
   serving_default(prompts string[B]) -> text string[B]
   vocab() -> chars string[V]
   prime(prompts string[B]) -> h, c, logits float32[B,V]
   extend(h, c, logits, num_chars int32, temperature float32[B], top_k int32[B],
-         seed int64[B], position int64[B]) -> ids int32[B,n], text string[B], h, c, logits
+         seed int64[B], position int64[B], top_p float32[B])
+         -> ids int32[B,n], text string[B], h, c, logits
 `prime` and `extend` let a server stream and batch rows of different requests
 (pipeline/serve): the state is carried between calls, and every row samples
 from its own seed and position (generate.choose_rows), so a row's text does
@@ -68,6 +71,13 @@ class CharLSTMModule(tf.Module):
         tf.TensorSpec([], tf.float32, name='temperature'),
         tf.TensorSpec([], tf.int32, name='top_k'),
         tf.TensorSpec([], tf.int64, name='seed')])
+    self.decode = tf.function(self._decode, input_signature=[
+        tf.TensorSpec([None], tf.string, name='prompts'),
+        tf.TensorSpec([], tf.int32, name='num_chars'),
+        tf.TensorSpec([], tf.float32, name='temperature'),
+        tf.TensorSpec([], tf.int32, name='top_k'),
+        tf.TensorSpec([], tf.float32, name='top_p'),
+        tf.TensorSpec([], tf.int64, name='seed')])
     self.serve = tf.function(self._serve, input_signature=[
         tf.TensorSpec([None], tf.string, name='prompts')])
     self.vocab = tf.function(self._vocab, input_signature=[])
@@ -77,7 +87,8 @@ class CharLSTMModule(tf.Module):
     self.extend = tf.function(self._extend, input_signature=[
         state, state, tf.TensorSpec([None, self._v], tf.float32, name='logits'),
         tf.TensorSpec([], tf.int32, name='num_chars'), rows(tf.float32, 'temperature'),
-        rows(tf.int32, 'top_k'), rows(tf.int64, 'seed'), rows(tf.int64, 'position')])
+        rows(tf.int32, 'top_k'), rows(tf.int64, 'seed'), rows(tf.int64, 'position'),
+        rows(tf.float32, 'top_p')])
 
   def _step_fn(self, one_hot, h, c):
     # One char per call: the LSTM layers run their cell once, without the
@@ -97,6 +108,14 @@ class CharLSTMModule(tf.Module):
     text = generate_lib.generate(
         self._step_fn, self._chars, self._codepoints, self._num_layers,
         self._hidden, prompts, num_chars, temperature, top_k, seed)
+    return {'text': text}
+
+  def _decode(self, prompts, num_chars, temperature, top_k, top_p, seed):
+    tf.debugging.assert_non_negative(num_chars, 'num_chars must be >= 0')
+    tf.debugging.assert_positive(top_p, 'top_p must be in (0, 1]')
+    text = generate_lib.generate(
+        self._step_fn, self._chars, self._codepoints, self._num_layers,
+        self._hidden, prompts, num_chars, temperature, top_k, seed, top_p)
     return {'text': text}
 
   def _serve(self, prompts):
@@ -120,11 +139,11 @@ class CharLSTMModule(tf.Module):
                                       self._num_layers, self._hidden, prompts)
     return {'h': h, 'c': c, 'logits': logits}
 
-  def _extend(self, h, c, logits, num_chars, temperature, top_k, seed, position):
+  def _extend(self, h, c, logits, num_chars, temperature, top_k, seed, position, top_p):
     tf.debugging.assert_non_negative(num_chars, 'num_chars must be >= 0')
     ids, text, h, c, logits = generate_lib.extend(
         self._step_fn, self._chars, h, c, logits, num_chars, temperature, top_k, seed,
-        position)
+        position, top_p)
     return {'ids': ids, 'text': text, 'h': h, 'c': c, 'logits': logits}
 
 
@@ -166,7 +185,8 @@ def export_models(models, vocab, export_dir, extra_assets=None):
         module, tmp_dir,
         signatures={'serving_default': module.serve, 'step': module.step,
                     'generate': module.generate, 'vocab': module.vocab,
-                    'prime': module.prime, 'extend': module.extend})
+                    'prime': module.prime, 'extend': module.extend,
+                    'decode': module.decode})
     for name, path in (extra_assets or {}).items():
       storage.copy(path, storage.join(tmp_dir, 'assets', name))
     storage.replace_dir(tmp_dir, export_dir)

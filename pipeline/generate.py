@@ -39,11 +39,29 @@ def prompt_ids(vocab_codepoints, prompts):
     return cps.with_flat_values(tf.identity(pos))
 
 
-def choose(logits, temperature, top_k, seed, i):
-  """Picks next ids from float32 logits (B, V): greedy, top-k or full sampling.
+def nucleus_keep(scaled, top_p):
+  """bool [B, V]: the smallest set of likeliest ids whose probability reaches top_p.
+
+  Nucleus (top-p) sampling, Holtzman et al. 2019, on the temperature-scaled
+  and top-k-cut logits `scaled`; top_p is a scalar or float32 [B] in (0, 1].
+  The likeliest id is always kept; ties are ranked lower id first, as in top-k.
+  """
+  v = tf.shape(scaled)[-1]
+  order = tf.math.top_k(scaled, k=v).indices
+  probs = tf.gather(tf.nn.softmax(tf.cast(scaled, tf.float64)), order, batch_dims=1)
+  before = tf.math.cumsum(probs, axis=1, exclusive=True)  # mass of the likelier ids
+  top_p = tf.cast(tf.reshape(top_p, [-1, 1]), tf.float64)
+  kept_sorted = tf.logical_or(before < top_p, tf.range(v)[None, :] == 0)
+  return tf.gather(kept_sorted, tf.argsort(order, axis=1, stable=True), batch_dims=1)
+
+
+def choose(logits, temperature, top_k, seed, i, top_p=None):
+  """Picks next ids from float32 logits (B, V): greedy, top-k, top-p or full sampling.
 
   Ties are broken towards the lower id in both greedy and top-k, so top_k=1
   is exactly greedy (it matters for an empty prompt, whose logits are flat).
+  top_p None (or >= 1) leaves the logits untouched, so the text for a seed is
+  what it was before nucleus sampling existed.
   """
   v = tf.shape(logits)[-1]
   greedy = tf.math.top_k(logits, k=1).indices[:, 0]
@@ -53,6 +71,9 @@ def choose(logits, temperature, top_k, seed, i):
   in_top = tf.reduce_max(tf.one_hot(top, v, on_value=1, off_value=0, dtype=tf.int32), axis=1) > 0
   keep = tf.logical_or(top_k <= 0, in_top)
   scaled = tf.where(keep, scaled, tf.constant(-float('inf'), scaled.dtype))
+  if top_p is not None:
+    nucleus = tf.logical_or(top_p >= 1.0, nucleus_keep(scaled, top_p))
+    scaled = tf.where(nucleus, scaled, tf.constant(-float('inf'), scaled.dtype))
   sampled = tf.random.stateless_categorical(
       scaled, 1, seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(i, tf.int64)]),
       dtype=tf.int32)[:, 0]
@@ -87,7 +108,7 @@ def prime(step_fn, vocab_size, vocab_codepoints, num_layers, hidden_size, prompt
 
 
 def generate(step_fn, vocab_chars, vocab_codepoints, num_layers, hidden_size,
-             prompts, num_chars, temperature, top_k, seed):
+             prompts, num_chars, temperature, top_k, seed, top_p=None):
   """Continues each prompt by `num_chars` characters.
 
   Args:
@@ -101,6 +122,7 @@ def generate(step_fn, vocab_chars, vocab_codepoints, num_layers, hidden_size,
     temperature: float32 scalar; <= 0 means greedy.
     top_k: int32 scalar; <= 0 means no top-k filtering.
     seed: int64 scalar for the stateless sampler.
+    top_p: float32 scalar in (0, 1] (nucleus sampling), or None: no cut.
 
   Returns:
     string[B]: the continuations only (without the prompts).
@@ -113,7 +135,7 @@ def generate(step_fn, vocab_chars, vocab_codepoints, num_layers, hidden_size,
   chosen = tf.TensorArray(tf.int32, size=num_chars + 1, element_shape=[None])
   chosen = chosen.write(0, tf.zeros([b], tf.int32))
   for i in tf.range(num_chars):
-    nxt = choose(logits, temperature, top_k, seed, i)
+    nxt = choose(logits, temperature, top_k, seed, i, top_p)
     chosen = chosen.write(i + 1, nxt)
     out, h, c = step_fn(tf.one_hot(nxt[:, None], v), h, c)
     logits = out[:, 0]
@@ -158,7 +180,7 @@ def row_uniform(seed, position, vocab_size):
   return (top + 0.5) * (2.0 ** -53)
 
 
-def choose_rows(logits, temperature, top_k, seed, position):
+def choose_rows(logits, temperature, top_k, seed, position, top_p=None):
   """Picks next ids (B,) from float32 logits (B, V), each row with its own settings.
 
   Gumbel-max: argmax(logits / T + Gumbel noise) samples softmax(logits / T),
@@ -172,6 +194,7 @@ def choose_rows(logits, temperature, top_k, seed, position):
     temperature: float32 [B].
     top_k: int32 [B].
     seed, position: int64 [B].
+    top_p: float32 [B] in (0, 1] (1 keeps every id), or None.
   """
   v = tf.shape(logits)[-1]
   # tf.math.top_k lists equal values lower index first: order[:, 0] is the
@@ -182,13 +205,17 @@ def choose_rows(logits, temperature, top_k, seed, position):
   k = tf.where(top_k <= 0, v, tf.minimum(top_k, v))
   keep = rank < k[:, None]
   scaled = tf.cast(logits / tf.maximum(temperature, 1e-6)[:, None], tf.float64)
+  if top_p is not None:  # the nucleus of what top-k kept
+    cut = tf.where(keep, scaled, tf.constant(-float('inf'), tf.float64))
+    keep = tf.logical_and(keep, tf.logical_or(top_p[:, None] >= 1.0, nucleus_keep(cut, top_p)))
   gumbel = -tf.math.log(-tf.math.log(row_uniform(seed, position, v)))
   score = tf.where(keep, scaled + gumbel, tf.constant(-float('inf'), tf.float64))
   sampled = tf.argmax(score, axis=1, output_type=tf.int32)
   return tf.where(temperature > 0, sampled, order[:, 0])
 
 
-def extend(step_fn, vocab_chars, h, c, logits, num_chars, temperature, top_k, seed, position):
+def extend(step_fn, vocab_chars, h, c, logits, num_chars, temperature, top_k, seed, position,
+           top_p=None):
   """Continues a batch from its state by `num_chars` characters, row by row.
 
   Args:
@@ -211,7 +238,7 @@ def extend(step_fn, vocab_chars, h, c, logits, num_chars, temperature, top_k, se
   chosen = tf.TensorArray(tf.int32, size=num_chars + 1, element_shape=[None])
   chosen = chosen.write(0, tf.zeros([b], tf.int32))  # a dummy row, as in generate
   for i in tf.range(num_chars):
-    nxt = choose_rows(logits, temperature, top_k, seed, position + tf.cast(i, tf.int64))
+    nxt = choose_rows(logits, temperature, top_k, seed, position + tf.cast(i, tf.int64), top_p)
     chosen = chosen.write(i + 1, nxt)
     out, h, c = step_fn(tf.one_hot(nxt[:, None], v), h, c)
     logits = out[:, 0]

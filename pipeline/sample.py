@@ -51,9 +51,57 @@ def check_prompts(prompts, chars):
   return out
 
 
+def check_decoding(top_p, stop, flag='--'):
+  """Refuses a top_p outside (0, 1] and empty stop strings; returns stop as a tuple."""
+  if not 0.0 < top_p <= 1.0:
+    raise SampleError(f'{flag}top_p must be in (0, 1] (1 keeps every character), got {top_p}.')
+  stop = tuple(stop or ())
+  if any(not s for s in stop):
+    raise SampleError(f'{flag}stop strings must not be empty (an empty string would stop '
+                      'every text at once).')
+  return tuple(unicodedata.normalize('NFC', s) for s in stop)
+
+
+class StopFilter:
+  """Cuts a text that arrives in pieces at its first stop string, which is not returned.
+
+  `feed` returns what can be shown now: text that may still be the start of
+  a stop string is held back until the next piece decides it.
+  """
+
+  def __init__(self, stop):
+    self.stop = tuple(stop)
+    self.held = ''
+    self.stopped = False
+
+  def feed(self, piece):
+    if self.stopped:
+      return ''
+    text = self.held + piece
+    # The stop string that is complete first ends the text, as it would while
+    # generating: a longer one that started earlier is not complete yet.
+    found = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in self.stop) if i >= 0]
+    if found:
+      self.stopped, self.held = True, ''
+      return text[:min(found)[1]]
+    hold = max([n for s in self.stop for n in range(1, len(s))
+                if text.endswith(s[:n])], default=0)
+    self.held = text[len(text) - hold:] if hold else ''
+    return text[:len(text) - hold]
+
+  def finish(self):
+    """What is held back once no more text comes."""
+    rest, self.held = ('' if self.stopped else self.held), ''
+    return rest
+
+
 def sample(saved_model, prompts, length, temperature=0.8, top_k=0, seed=0,
-           num_samples=1):
+           num_samples=1, top_p=1.0, stop=()):
   """Generates `num_samples` continuations of each prompt in one batched call.
+
+  top_p < 1 samples from the nucleus (the export's `decode`); each text ends
+  before its first stop string. top_p=1 and no stop strings give `generate`'s
+  text, the same as before either existed.
 
   Returns:
     A list of (prompt, continuation) pairs, prompt-major.
@@ -62,11 +110,26 @@ def sample(saved_model, prompts, length, temperature=0.8, top_k=0, seed=0,
     raise SampleError(f'--length must be >= 0, got {length}.')
   if num_samples < 1:
     raise SampleError(f'--num_samples must be >= 1, got {num_samples}.')
+  stop = check_decoding(top_p, stop)
   module, chars = load(saved_model)
   prompts = check_prompts(prompts or [''], chars)
   batch = [p for p in prompts for _ in range(num_samples)]
-  out = module.generate(
-      prompts=tf.constant(batch, tf.string), num_chars=tf.constant(length, tf.int32),
-      temperature=tf.constant(temperature, tf.float32),
-      top_k=tf.constant(top_k, tf.int32), seed=tf.constant(seed, tf.int64))
-  return [(p, t.decode('utf-8')) for p, t in zip(batch, out['text'].numpy())]
+  args = dict(prompts=tf.constant(batch, tf.string), num_chars=tf.constant(length, tf.int32),
+              temperature=tf.constant(temperature, tf.float32),
+              top_k=tf.constant(top_k, tf.int32), seed=tf.constant(seed, tf.int64))
+  if top_p < 1.0:
+    if not hasattr(module, 'decode'):
+      raise SampleError(f'The SavedModel at {saved_model!r} predates top_p; re-export it '
+                        '(python -m launch.export --workdir=WORKDIR), or drop --top_p.')
+    out = module.decode(top_p=tf.constant(top_p, tf.float32), **args)
+  else:  # exports made before top_p existed sample this way too
+    out = module.generate(**args)
+  texts = [t.decode('utf-8') for t in out['text'].numpy()]
+  if stop:
+    texts = [_cut(t, stop) for t in texts]
+  return list(zip(batch, texts))
+
+
+def _cut(text, stop):
+  f = StopFilter(stop)
+  return f.feed(text) + f.finish()

@@ -209,7 +209,7 @@ def test_a_rows_text_ignores_batch_mates_and_chunk_sizes(server, export):
     out = m.signatures['extend'](
         h=h, c=c, logits=logits, num_chars=tf.constant(n), temperature=tf.constant([0.8]),
         top_k=tf.constant([0]), seed=tf.constant([6], tf.int64),
-        position=tf.constant([pos], tf.int64))
+        position=tf.constant([pos], tf.int64), top_p=tf.constant([1.0]))
     h, c, logits = out['h'], out['c'], out['logits']
     text += out['text'].numpy()[0].decode()
   assert text == alone
@@ -257,6 +257,12 @@ BAD = [
     ({'prompt': 'A', 'seed': -1}, 'seed', 'between'),
     ({'prompt': 'A', 'seed': 2**60}, 'seed', 'between'),
     ({'prompt': 'A', 'stream': 'yes'}, 'stream', 'true or false'),
+    ({'prompt': 'A', 'top_p': 0}, 'top_p', '(0, 1]'),
+    ({'prompt': 'A', 'top_p': 1.5}, 'top_p', '(0, 1]'),
+    ({'prompt': 'A', 'top_p': '0.9'}, 'top_p', '(0, 1]'),
+    ({'prompt': 'A', 'stop': ''}, 'stop', 'non-empty'),
+    ({'prompt': 'A', 'stop': ['x', '']}, 'stop', 'non-empty'),
+    ({'prompt': 'A', 'stop': 5}, 'stop', 'non-empty'),
     ({'prompts': ['A'] * 65}, 'prompts', '--max_batch'),
     ({'prompt': 'A' * (MAX_PROMPT_CHARS + 1)}, 'prompt', '--max_prompt_chars'),
     ({'prompt': 'ROMEO: ñ€'}, 'prompt', "never saw: 'ñ€'"),
@@ -420,7 +426,8 @@ def test_extend_samples_softmax_and_respects_each_rows_top_k(export):
     out = m.signatures['extend'](
         h=state['h'], c=state['c'], logits=state['logits'], num_chars=tf.constant(1),
         temperature=tf.constant(temperature, tf.float32), top_k=tf.constant(top_k, tf.int32),
-        seed=tf.range(n, dtype=tf.int64), position=tf.zeros([n], tf.int64))
+        seed=tf.range(n, dtype=tf.int64), position=tf.zeros([n], tf.int64),
+        top_p=tf.ones([n]))
     return out['ids'].numpy()[:, 0]
 
   logits = state['logits'][0].numpy()
@@ -436,3 +443,4 @@ def test_extend_samples_softmax_and_respects_each_rows_top_k(export):
   # Temperature 0 rows are greedy whatever their seed, next to sampled rows.
   ids = first_ids([0.0, 1.0] * (n // 2), [0] * n)
   assert set(ids[0::2]) == {int(np.argmax(logits))} and len(set(ids[1::2])) > 1
+

@@ -28,6 +28,8 @@ from typing import Callable
 import numpy as np
 from absl import logging
 
+from pipeline import sample
+
 
 @dataclasses.dataclass(eq=False)
 class Row:
@@ -41,6 +43,13 @@ class Row:
   index: int = 0  # within its request
   position: int = 0  # characters generated so far
   cancelled: bool = False  # set from the event loop; read by the worker
+  top_p: float = 1.0
+  stop: tuple = ()
+  cut: object = None  # the row's sample.StopFilter, if it has stop strings
+
+  def __post_init__(self):
+    if self.stop:
+      self.cut = sample.StopFilter(self.stop)
 
   @property
   def remaining(self):
@@ -157,6 +166,8 @@ class Batcher:
         self.stats.rows_cancelled += 1
       elif row.remaining <= 0:
         self.stats.rows_finished += 1
+        if row.cut is not None and row.cut.held:  # the tail that was no stop string after all
+          _safe_emit(row, 'chunk', row.cut.finish())
         _safe_emit(row, 'done')
       else:
         keep.append(i)
@@ -173,7 +184,7 @@ class Batcher:
     try:
       texts, *state = self._engine.extend(
           *self._state, n, [r.temperature for r in rows], [r.top_k for r in rows],
-          [r.seed for r in rows], [r.position for r in rows])
+          [r.seed for r in rows], [r.position for r in rows], [r.top_p for r in rows])
     except Exception as e:  # pylint: disable=broad-except
       logging.exception('extend failed')
       self._fail(rows, e)
@@ -189,7 +200,12 @@ class Batcher:
       text = text[:row.remaining]  # vocabulary entries are single characters
       row.position += len(text)
       self.stats.chars_generated += len(text)
-      _safe_emit(row, 'chunk', text)
+      if row.cut is not None:
+        text = row.cut.feed(text)
+        if row.cut.stopped:  # it leaves the batch at the next retire
+          row.position = row.num_chars
+      if text:
+        _safe_emit(row, 'chunk', text)
 
   def _fail(self, rows, error):
     self.stats.rows_failed += len(rows)

@@ -16,7 +16,7 @@ import tensorflow as tf
 from pipeline import errors
 from pipeline import sample
 
-STREAM_SIGNATURES = ('prime', 'extend')
+STREAM_SIGNATURES = ('prime', 'extend', 'decode')  # decode: extend takes top_p
 
 
 class ServeError(errors.Error):
@@ -42,7 +42,7 @@ def load(saved_model):
   if missing:
     raise ServeError(
         f'The SavedModel at {saved_model!r} has no {"/".join(missing)} signature (it was '
-        'exported before launch.serve existed); re-export with launch.export, e.g. '
+        'exported before launch.serve and top_p existed); re-export with launch.export, e.g. '
         'python -m launch.export --workdir=WORKDIR --export_dir=NEW_DIR.')
   return module, chars
 
@@ -75,21 +75,21 @@ class Engine:
     # The first call of each signature sets up its kernels (tens of ms):
     # pay it here, not in the first request's latency.
     h, c, logits = self.prime([''])
-    self.extend(h, c, logits, 1, [0.8], [0], [0], [0])
+    self.extend(h, c, logits, 1, [0.8], [0], [0], [0], [1.0])
 
   def prime(self, prompts):
     """Prompts (NFC, in the vocabulary) -> (h, c, logits) as numpy arrays."""
     out = self._prime(prompts=tf.constant(prompts, tf.string))
     return out['h'].numpy(), out['c'].numpy(), out['logits'].numpy()
 
-  def extend(self, h, c, logits, num_chars, temperature, top_k, seed, position):
+  def extend(self, h, c, logits, num_chars, temperature, top_k, seed, position, top_p):
     """Continues every row by num_chars; returns (texts, h, c, logits)."""
     out = self._extend(
         h=tf.constant(h), c=tf.constant(c), logits=tf.constant(logits),
         num_chars=tf.constant(num_chars, tf.int32),
         temperature=tf.constant(temperature, tf.float32),
         top_k=tf.constant(top_k, tf.int32), seed=tf.constant(seed, tf.int64),
-        position=tf.constant(position, tf.int64))
+        position=tf.constant(position, tf.int64), top_p=tf.constant(top_p, tf.float32))
     texts = [t.decode('utf-8') for t in out['text'].numpy()]
     return texts, out['h'].numpy(), out['c'].numpy(), out['logits'].numpy()
 

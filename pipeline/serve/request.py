@@ -17,6 +17,7 @@ import unicodedata
 # row i of a request samples with seed + i, still inside int64.
 MAX_SEED = 2**53 - 1
 MAX_BODY_BYTES = 1 << 20
+MAX_STOPS, MAX_STOP_CHARS = 16, 64  # stop strings are checked on every chunk, on the host
 
 
 class BadRequest(Exception):
@@ -47,6 +48,8 @@ class Generate:
   top_k: int
   seed: int
   stream: bool
+  top_p: float = 1.0  # nucleus sampling; 1 keeps every character
+  stop: tuple = ()  # a row ends before the first of these; the stop string is not returned
 
 
 def _int(body, name, default, lo, hi, hint=''):
@@ -116,5 +119,17 @@ def parse(raw, chars, limits):
   stream = body.get('stream', False)
   if not isinstance(stream, bool):
     raise BadRequest(f'stream must be true or false, got {json.dumps(stream)}', 'stream')
+  top_p = body.get('top_p', 1.0)
+  if (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or
+      not math.isfinite(top_p) or not 0 < top_p <= 1):
+    raise BadRequest(f'top_p must be a number in (0, 1] (1 keeps every character), got '
+                     f'{json.dumps(top_p)}', 'top_p')
+  stop = body.get('stop', [])
+  stop = [stop] if isinstance(stop, str) else stop
+  if (not isinstance(stop, list) or len(stop) > MAX_STOPS or
+      not all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in stop)):
+    raise BadRequest(f'stop must be a non-empty string or a list of at most {MAX_STOPS} '
+                     f'non-empty strings of at most {MAX_STOP_CHARS} characters, got '
+                     f'{json.dumps(stop)[:200]}', 'stop')
   return Generate(prompts, 'prompt' in body, num_chars, float(temperature), top_k, seed,
-                  stream)
+                  stream, float(top_p), tuple(unicodedata.normalize('NFC', x) for x in stop))

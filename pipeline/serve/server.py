@@ -74,7 +74,8 @@ def build_app(engine, batcher, limits):
     def emit(kind, row, text):
       loop.call_soon_threadsafe(queue.put_nowait, (kind, row.index, text))
     return [batcher_lib.Row(p, req.num_chars, req.temperature, req.top_k, req.seed + i,
-                            emit, index=i) for i, p in enumerate(req.prompts)]
+                            emit, index=i, top_p=req.top_p, stop=req.stop)
+            for i, p in enumerate(req.prompts)]
 
   async def generate(request):
     try:
