@@ -27,7 +27,6 @@ device the model was trained with (`portable_copy`), so it runs on any CPU.
 
 import os
 import tempfile
-import uuid
 
 import tensorflow as tf
 from absl import logging
@@ -179,20 +178,16 @@ def export_models(models, vocab, export_dir, extra_assets=None):
   vocab_path = os.path.join(tmp_local, corpus.VOCAB_FILE)
   vocab.save(vocab_path)
   module = CharLSTMModule(portable_copy(models, vocab.size), vocab, vocab_path)
-  tmp_dir = f'{export_dir.rstrip("/")}.tmp-{uuid.uuid4().hex}'
   try:
-    tf.saved_model.save(
-        module, tmp_dir,
-        signatures={'serving_default': module.serve, 'step': module.step,
-                    'generate': module.generate, 'vocab': module.vocab,
-                    'prime': module.prime, 'extend': module.extend,
-                    'decode': module.decode})
-    for name, path in (extra_assets or {}).items():
-      storage.copy(path, storage.join(tmp_dir, 'assets', name))
-    storage.replace_dir(tmp_dir, export_dir)
-  except BaseException:
-    storage.rmtree(tmp_dir)
-    raise
+    with storage.new_dir(export_dir) as tmp_dir:
+      tf.saved_model.save(
+          module, tmp_dir,
+          signatures={'serving_default': module.serve, 'step': module.step,
+                      'generate': module.generate, 'vocab': module.vocab,
+                      'prime': module.prime, 'extend': module.extend,
+                      'decode': module.decode})
+      for name, path in (extra_assets or {}).items():
+        storage.copy(path, storage.join(tmp_dir, 'assets', name))
   finally:
     storage.rmtree(tmp_local)
   logging.info('Exported SavedModel to %s', export_dir)

@@ -17,6 +17,7 @@ raises the same `StorageError` subclasses, with one-line messages for missing
 credentials, a missing bucket and permission denied.
 """
 
+import contextlib
 import functools
 import gzip
 import io
@@ -179,6 +180,22 @@ def replace_dir(tmp_dir, final_dir):
   gfile.rename(tmp_dir, final_dir)
   if old:
     gfile.rmtree(old)
+
+
+@contextlib.contextmanager
+def new_dir(final_dir):
+  """Yields a sibling temporary directory to fill; it then replaces `final_dir` whole.
+
+  If the block fails, the temporary directory is removed and whatever was at
+  `final_dir` (an earlier export, say) stays as it was.
+  """
+  tmp_dir = f'{final_dir.rstrip("/")}.tmp-{uuid.uuid4().hex}'
+  try:
+    yield tmp_dir
+    replace_dir(tmp_dir, final_dir)
+  except BaseException:
+    rmtree(tmp_dir)
+    raise
 
 
 @_gcs_paths

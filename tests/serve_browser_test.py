@@ -12,7 +12,6 @@ screenshot there (README's pipeline/serve/screenshot.png comes from it).
 
 import os
 import shutil
-import time
 
 import httpx
 import pytest
@@ -91,12 +90,7 @@ def test_stop_aborts_the_stream_and_the_server_drops_the_row(server, page):
   page.click('#stop')
   page.wait_for_function("document.body.dataset.state === 'stopped'")
   assert page.text_content('#status').startswith('stopped after')
-  deadline = time.monotonic() + 10
-  while time.monotonic() < deadline:
-    after = server.health()
-    if after['rows_cancelled'] > before['rows_cancelled'] and after['active_rows'] == 0:
-      break
-    time.sleep(0.05)
+  after = server.after_cancel(before)
   assert after['rows_cancelled'] == before['rows_cancelled'] + 1, after
   assert after['chars_generated'] - before['chars_generated'] < LONG
   # A bad field shows the server's 400 message, and the page still works.

@@ -7,7 +7,6 @@ start-up errors get their own short-lived processes.
 
 import asyncio
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -86,6 +85,16 @@ class Server:
 
   def health(self):
     return httpx.get(f'{self.url}/healthz', timeout=10).json()
+
+  def after_cancel(self, before, timeout=10):
+    """/healthz once one more row was cancelled and the batch is empty (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+      after = self.health()
+      if (after['rows_cancelled'] > before['rows_cancelled'] and not after['active_rows']
+          or time.monotonic() > deadline):
+        return after
+      time.sleep(0.05)
 
   def stop(self):
     self.proc.terminate()
@@ -297,12 +306,7 @@ def test_a_client_that_disconnects_leaves_the_batch(server):
       for line in r.iter_lines():
         if line.startswith('event: chunk'):
           break  # leaving the block closes the connection mid-stream
-  deadline = time.monotonic() + 10
-  while time.monotonic() < deadline:
-    after = server.health()
-    if after['rows_cancelled'] > before['rows_cancelled'] and after['active_rows'] == 0:
-      break
-    time.sleep(0.05)
+  after = server.after_cancel(before)
   assert after['rows_cancelled'] == before['rows_cancelled'] + 1, after
   assert after['active_rows'] == 0
   generated = after['chars_generated'] - before['chars_generated']

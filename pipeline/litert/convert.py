@@ -26,7 +26,6 @@ assets/vocab.json, read as fine-tuning reads them).
 
 import os
 import tempfile
-import uuid
 
 import numpy as np
 import tensorflow as tf
@@ -191,16 +190,12 @@ def export_litert(path, checkpoint='latest', export_dir=None, batch=1):
   check_builtin(model_bytes)
   check_against_tf(model_bytes, module, weights, batch)
   tmp_local = tempfile.mkdtemp(prefix='charlstm-litert-')
-  tmp_dir = f'{export_dir.rstrip("/")}.tmp-{uuid.uuid4().hex}'
   try:
-    vocab_path = os.path.join(tmp_local, sampler.VOCAB_FILE)
-    weights.vocab.save(vocab_path)
-    storage.write_bytes_atomic(storage.join(tmp_dir, sampler.MODEL_FILE), model_bytes)
-    storage.copy(vocab_path, storage.join(tmp_dir, sampler.VOCAB_FILE))
-    storage.replace_dir(tmp_dir, export_dir)
-  except BaseException:
-    storage.rmtree(tmp_dir)
-    raise
+    with storage.new_dir(export_dir) as tmp_dir:
+      vocab_path = os.path.join(tmp_local, sampler.VOCAB_FILE)
+      weights.vocab.save(vocab_path)
+      storage.write_bytes_atomic(storage.join(tmp_dir, sampler.MODEL_FILE), model_bytes)
+      storage.copy(vocab_path, storage.join(tmp_dir, sampler.VOCAB_FILE))
   finally:
     storage.rmtree(tmp_local)
   logging.info('Wrote LiteRT model (%d bytes) to %s', len(model_bytes), export_dir)
