@@ -133,4 +133,17 @@ def test_main_picks_venv_and_tests(argv, venv_suffix, targets, monkeypatch, tmp_
   assert module == 'pytest' and venv == str(tmp_path / 'v') + venv_suffix
   want = launch_test.tf_test_files() if targets is None else targets
   rest = [a for a in argv if not a.startswith('--tf')]
+  if want:  # whole files: in pytest-xdist workers
+    assert args[:2] == ['-n', str(max(2, min(4, os.cpu_count() or 2)))]
+    args = args[2:]
   assert args == want + ['-q'] + rest
+
+
+def test_an_explicit_worker_count_is_kept(monkeypatch, tmp_path):
+  monkeypatch.setenv(bootstrap.VENV_ENV, str(tmp_path / 'v'))
+  execs = []
+  monkeypatch.setattr(bootstrap, 'ensure', lambda tf=None: None)
+  monkeypatch.setattr(bootstrap, 'exec_module',
+                      lambda module, args, venv=None: execs.append(args))
+  launch_test.main(['-n', '0'])
+  assert execs == [['tests', '-q', '-n', '0']]
