@@ -137,6 +137,11 @@ def bits(nats):
   return nats / math.log(2.0)
 
 
+def _loss_scalars(loss):
+  tf.summary.scalar('loss_nats', loss)
+  tf.summary.scalar('bits_per_char', bits(loss))
+
+
 def fmt_duration(seconds):
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -158,6 +163,7 @@ class _Reporter:
     if write:
       self.train_writer = tf.summary.create_file_writer(storage.join(workdir, workdir_lib.TB_DIR, 'train'))
       self.eval_writer = tf.summary.create_file_writer(storage.join(workdir, workdir_lib.TB_DIR, 'eval'))
+
   def train(self, step, loss, steps, chars, seconds, lr):
     """Logs a progress line and train scalars for `steps` steps ending at `step`."""
     cps = chars / max(seconds, 1e-9)
@@ -167,8 +173,7 @@ class _Reporter:
     self.history['train'].append([step, loss])
     if self.write:
       with self.train_writer.as_default(step=step):
-        tf.summary.scalar('loss_nats', loss)
-        tf.summary.scalar('bits_per_char', bits(loss))
+        _loss_scalars(loss)
         tf.summary.scalar('chars_per_sec', cps)
         tf.summary.scalar('learning_rate', lr)
 
@@ -178,8 +183,7 @@ class _Reporter:
     self.history['val'].append([step, loss])
     if self.write:
       with self.eval_writer.as_default(step=step):
-        tf.summary.scalar('loss_nats', loss)
-        tf.summary.scalar('bits_per_char', bits(loss))
+        _loss_scalars(loss)
         tf.summary.text('sample', sample)
       self.flush()
 
