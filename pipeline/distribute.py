@@ -179,6 +179,46 @@ def has_gpu():
   return bool(tf.config.list_logical_devices('GPU'))
 
 
+CPUINFO = '/proc/cpuinfo'
+BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16', 'bf16')  # x86 (AVX512-BF16, AMX), Arm (FEAT_BF16)
+
+
+def cpu_bf16_flags(cpuinfo=None):
+  """The CPU's bfloat16 matmul features (a subset of BF16_CPU_FLAGS); None if unknown.
+
+  oneDNN runs bfloat16 matmuls natively only with these; elsewhere TensorFlow
+  converts them to float32 and back, slower than float32 itself.
+  """
+  try:
+    with open(cpuinfo or CPUINFO, encoding='utf-8', errors='replace') as f:
+      text = f.read()
+  except OSError:
+    return None  # not Linux: cannot tell
+  flags = set()
+  for line in text.splitlines():
+    key, _, value = line.partition(':')
+    if key.strip() in ('flags', 'Features'):
+      flags.update(value.split())
+  return sorted(flags.intersection(BF16_CPU_FLAGS))
+
+
+def precision_for(precision, strategy):
+  """The precision to train in: bfloat16 falls back to float32, loudly, on a CPU without bf16."""
+  if (precision != 'bfloat16' or has_gpu()
+      or isinstance(strategy, tf.distribute.TPUStrategy)):
+    return precision
+  found = cpu_bf16_flags()
+  if found is None or found:
+    return precision
+  logging.warning(
+      'runtime.precision=bfloat16, but this CPU has none of %s in %s: TensorFlow would '
+      'emulate bfloat16 matmuls, slower than float32. Training in float32 instead; set '
+      '--config.runtime.precision=float32 to say so, or run on a CPU with AVX512-BF16 or '
+      'AMX (e.g. Intel Cooper Lake, Sapphire Rapids or later), Arm BF16, or a TPU.',
+      ', '.join(BF16_CPU_FLAGS), CPUINFO)
+  return 'float32'
+
+
 def check_batch(global_batch, strategy, what='data.batch_size'):
   """Raises unless the global batch divides evenly across replicas."""
   n = strategy.num_replicas_in_sync

@@ -19,11 +19,17 @@ the way cuDNN does:
 The matmuls, and so the FLOPs, are the ones the Keras layer does. The values
 agree with Keras's to float32 rounding (tests/fused_lstm_test.py).
 
+bfloat16 (runtime.precision=bfloat16, Keras's mixed_bfloat16 layers) runs the
+same matmuls on bfloat16 operands, which oneDNN multiplies with AMX or
+AVX512-BF16 where the CPU has them (2-3x float32's rate at these shapes on
+this project's machine), while the gate math and the cell state stay float32:
+more precise than Keras's own bfloat16 loop, which keeps c in bfloat16.
+
 `swap_in(models.lstms)` makes the Keras LSTM layers use it while the train
 step (or the exported sampler) is traced: the Keras functional graph stays the one definition of
 the model (layer order, dropout, casts, the carried state); only the
-recurrence inside each layer is replaced. It applies to float32 LSTM layers
-without dropout inside the recurrence, which is what pipeline.model builds;
+recurrence inside each layer is replaced. It applies to float32 and bfloat16
+LSTM layers without dropout inside the recurrence, which is what pipeline.model builds;
 other layers keep Keras's loop (on a GPU Keras's cuDNN kernel is faster still,
 so pipeline.steps does not swap there).
 """
@@ -54,79 +60,105 @@ def _cell(z, c):
   return o * tf.tanh(c), c
 
 
-_cell_forward = tf.function(_cell, jit_compile=True)
+@tf.function(jit_compile=True)
+def _cell_forward(xz, hw, c):
+  """One step from the input projection xz and h_{t-1} W_h (in the matmul dtype).
+
+  The add and the casts live in the kernel too: each is a TensorFlow op with
+  its own dispatch otherwise, T times per step. Returns h float32, h in the
+  matmul dtype (the next step's matmul operand), c and z float32.
+  """
+  z = xz + tf.cast(hw, tf.float32)
+  h, c = _cell(z, c)
+  return h, tf.cast(h, hw.dtype), c, z
 
 
 @tf.function(jit_compile=True)
-def _cell_backward(z, c, c_prev, dh, dc_next):
-  """(dL/dz_t, dL/dc_{t-1} through the cell) from dL/dh_t (all paths) and dL/dc_t via c_{t+1}."""
+def _cell_backward(z, c, c_prev, d_out, dh_w, dc_next):
+  """(dL/dz_t in the matmul dtype, dL/dc_{t-1} through the cell).
+
+  dL/dh_t is d_out (from the outputs) plus dh_w (dz_{t+1} W_h^T, in the matmul
+  dtype); dc_next is dL/dc_t via c_{t+1}.
+  """
+  dh = d_out + tf.cast(dh_w, tf.float32)
   i, f, g, o = _gates(z)
   tanh_c = tf.tanh(c)
   dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
   dz = tf.concat([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
                   dc * i * (1.0 - g * g), dh * tanh_c * o * (1.0 - o)], 1)
-  return dz, dc * f
+  return tf.cast(dz, dh_w.dtype), dc * f
 
 
 def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True):
   """Runs an LSTM over x with Keras's gate layout (i, f, g, o); a fused gradient.
 
   Args:
-    x: float32 (B, T, D) inputs.
-    h0, c0: float32 (B, H) initial state.
-    kernel: (D, 4H); recurrent_kernel: (H, 4H); bias: (4H,).
+    x: (B, T, D) inputs, float32 or bfloat16. Their dtype is the matmuls'
+      dtype: bfloat16 runs every matmul, forward and backward, in bfloat16
+      (oneDNN's AMX or AVX512-BF16 kernels, float32 accumulation); the gate
+      math, the cell state c and the weight gradients stay float32, so
+      bfloat16 rounds only the matmul operands.
+    h0, c0: (B, H) initial state.
+    kernel: (D, 4H); recurrent_kernel: (H, 4H); bias: (4H,): float32, or the
+      bfloat16 values a mixed_bfloat16 layer reads (Keras autocasts them; the
+      gradients then reach the float32 variables through that cast).
     input_grad: False skips dL/dx (the first layer's inputs are data).
 
   Returns:
-    (outputs (B, T, H), h_T (B, H), c_T (B, H)).
+    (outputs (B, T, H) in x's dtype, h_T (B, H) float32, c_T (B, H) float32).
   """
+  md = x.dtype  # the matmuls' dtype
+  f32 = tf.float32
 
   @tf.custom_gradient
   def run(x, h0, c0, w_x, w_h, b):
     d, hid = x.shape[-1], w_h.shape[0]
     t_len = tf.shape(x)[1]
+    w_x_m, w_h_m = tf.cast(w_x, md), tf.cast(w_h, md)
+    h_init, c_init = tf.cast(h0, f32), tf.cast(c0, f32)
     x_rows = tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, d])  # time-major rows
-    xz = tf.reshape(tf.matmul(x_rows, w_x) + b, [t_len, -1, 4 * hid])
-    xz = tf.TensorArray(tf.float32, size=t_len).unstack(xz)
+    xz = tf.reshape(tf.cast(tf.matmul(x_rows, w_x_m), f32) + tf.cast(b, f32),
+                    [t_len, -1, 4 * hid])
+    xz = tf.TensorArray(f32, size=t_len).unstack(xz)
 
-    def step(t, h, c, zs, hs, cs):
-      z = xz.read(t) + tf.matmul(h, w_h)
-      h, c = _cell_forward(z, c)
-      return t + 1, h, c, zs.write(t, z), hs.write(t, h), cs.write(t, c)
+    def step(t, h, h_m, c, zs, hs, cs):
+      h, h_m, c, z = _cell_forward(xz.read(t), tf.matmul(h_m, w_h_m), c)
+      return t + 1, h, h_m, c, zs.write(t, z), hs.write(t, h_m), cs.write(t, c)
 
     # z and c are kept for the backward pass (gates are recomputed from z there).
-    arrays = [tf.TensorArray(tf.float32, size=t_len, clear_after_read=False)
-              for _ in range(3)]
-    _, h_t, c_t, zs, hs, cs = tf.while_loop(
-        lambda t, *_: t < t_len, step, [tf.constant(0), h0, c0, *arrays])
-    h_all = hs.stack()  # (T, B, H)
+    arrays = [tf.TensorArray(dt, size=t_len, clear_after_read=False) for dt in (f32, md, f32)]
+    h0_m = tf.cast(h0, md)
+    _, h_t, _, c_t, zs, hs, cs = tf.while_loop(
+        lambda t, *_: t < t_len, step, [tf.constant(0), h_init, h0_m, c_init, *arrays])
+    h_all = hs.stack()  # (T, B, H) in the matmul dtype
 
     def grad(d_outputs, d_h_t, d_c_t):
-      d_out = tf.TensorArray(tf.float32, size=t_len).unstack(
-          tf.transpose(d_outputs, [1, 0, 2]))
-      w_h_t = tf.transpose(w_h)
+      d_out = tf.TensorArray(f32, size=t_len).unstack(
+          tf.cast(tf.transpose(d_outputs, [1, 0, 2]), f32))
+      w_h_t = tf.transpose(w_h_m)
 
-      def back(t, dh_next, dc_next, c, dzs):
-        c_prev = tf.cond(t > 0, lambda: cs.read(tf.maximum(t - 1, 0)), lambda: c0)
-        dz, dc = _cell_backward(zs.read(t), c, c_prev, d_out.read(t) + dh_next, dc_next)
+      def back(t, dh_w, dc_next, c, dzs):
+        c_prev = tf.cond(t > 0, lambda: cs.read(tf.maximum(t - 1, 0)), lambda: c_init)
+        dz, dc = _cell_backward(zs.read(t), c, c_prev, d_out.read(t), dh_w, dc_next)
         return t - 1, tf.matmul(dz, w_h_t), dc, c_prev, dzs.write(t, dz)
 
       _, dh0, dc0, _, dzs = tf.while_loop(
           lambda t, *_: t >= 0, back,
-          [t_len - 1, tf.zeros_like(h0) if d_h_t is None else d_h_t,
-           tf.zeros_like(c0) if d_c_t is None else d_c_t, c_t,
-           tf.TensorArray(tf.float32, size=t_len)])
+          [t_len - 1, tf.zeros_like(h0_m) if d_h_t is None else tf.cast(d_h_t, md),
+           tf.zeros_like(c_init) if d_c_t is None else tf.cast(d_c_t, f32), c_t,
+           tf.TensorArray(md, size=t_len)])
       # The weight gradients: one matmul each over all T * B rows.
-      dz_rows = tf.reshape(dzs.stack(), [-1, 4 * hid])
-      h_prev = tf.reshape(tf.concat([h0[None], h_all[:-1]], 0), [-1, hid])
-      d_w_h = tf.matmul(h_prev, dz_rows, transpose_a=True)
-      d_w_x = tf.matmul(x_rows, dz_rows, transpose_a=True)
-      d_b = tf.reduce_sum(dz_rows, 0)
+      dz_m = tf.reshape(dzs.stack(), [-1, 4 * hid])
+      h_prev = tf.reshape(tf.concat([h0_m[None], h_all[:-1]], 0), [-1, hid])
+      d_w_h = tf.matmul(h_prev, dz_m, transpose_a=True)
+      d_w_x = tf.matmul(x_rows, dz_m, transpose_a=True)
+      d_b = tf.reduce_sum(tf.cast(dz_m, f32), 0)
       dx = None
       if input_grad:
-        dx = tf.transpose(tf.reshape(tf.matmul(dz_rows, w_x, transpose_b=True),
+        dx = tf.transpose(tf.reshape(tf.matmul(dz_m, w_x_m, transpose_b=True),
                                      [t_len, -1, d]), [1, 0, 2])
-      return dx, dh0, dc0, d_w_x, d_w_h, d_b
+      return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), tf.cast(d_w_x, w_x.dtype),
+              tf.cast(d_w_h, w_h.dtype), tf.cast(d_b, b.dtype))
 
     return (tf.transpose(h_all, [1, 0, 2]), h_t, c_t), grad
 
@@ -136,7 +168,7 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True):
 def supported(lstm):
   """Whether `lstm` (a keras.layers.LSTM) computes exactly what lstm_sequence does."""
   cell = lstm.cell
-  return (lstm.compute_dtype == 'float32' and cell.use_bias and not cell.dropout
+  return (lstm.compute_dtype in ('float32', 'bfloat16') and cell.use_bias and not cell.dropout
           and not cell.recurrent_dropout and not lstm.go_backwards and not lstm.stateful
           and not lstm.unroll and lstm.return_sequences
           and cell.activation is keras.activations.tanh
@@ -153,10 +185,13 @@ def _inner_loop(lstm, input_grad, sequences, initial_state, mask, training=False
   if sequences.shape[1] == 1:
     # One char (sampling): no loop, and plain TensorFlow ops, so that a
     # SavedModel holds no XLA kernel (TF Serving builds may lack XLA).
-    z = (tf.matmul(sequences[:, 0], cell.kernel.value)
-         + tf.matmul(h, cell.recurrent_kernel.value) + cell.bias.value)
-    h, c = _cell(z, c)
-    return h, h[:, None], [h, c]
+    md = sequences.dtype
+    z = (tf.cast(tf.matmul(sequences[:, 0], tf.cast(cell.kernel.value, md)), tf.float32)
+         + tf.cast(tf.matmul(tf.cast(h, md), tf.cast(cell.recurrent_kernel.value, md)),
+                   tf.float32) + tf.cast(cell.bias.value, tf.float32))
+    h, c = _cell(z, tf.cast(c, tf.float32))
+    out = tf.cast(h, md)
+    return out, out[:, None], [h, c]
   outputs, h, c = lstm_sequence(sequences, h, c, cell.kernel.value,
                                 cell.recurrent_kernel.value, cell.bias.value,
                                 input_grad=input_grad)

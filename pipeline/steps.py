@@ -275,14 +275,15 @@ def setup(config, strategy, vocab_size, use_cudnn='auto'):
   """
   d, m, t, r = config.data, config.model, config.train, config.runtime
   keras.utils.set_random_seed(config.seed)
+  precision = distribute.precision_for(r.precision, strategy)
   with strategy.scope():
     models = model_lib.build(vocab_size, m.hidden_size, m.num_layers, d.seq_length,
-                             r.precision, dropout=m.dropout, use_cudnn=use_cudnn)
+                             precision, dropout=m.dropout, use_cudnn=use_cudnn)
     cudnn_ok, why_not = model_lib.cudnn_report(models)
     logging.info('LSTM %s the cuDNN kernel conditions%s.',
                  'meets' if cudnn_ok else 'does not meet',
                  '' if cudnn_ok else ': ' + '; '.join(why_not))
-    optimizer, schedule = make_optimizer(t, r.precision)
+    optimizer, schedule = make_optimizer(t, precision)
     # Built inside the scope so Adam's slots are mirrored like the weights.
     optimizer.build(models.train.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')

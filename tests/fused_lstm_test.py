@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from pipeline import config as config_lib
+from pipeline import data as data_lib
+from pipeline import distribute
 from pipeline import fused_lstm
 from pipeline import model as model_lib
+from pipeline import source
+from pipeline import steps as steps_lib
 
 B, T, V, H = 5, 7, 11, 6
 
@@ -62,8 +67,102 @@ def test_one_char_step_matches_keras_and_leaves_the_layers_as_they_were():
 
 
 def test_layers_it_cannot_reproduce_keep_keras():
-  models = model_lib.build(V, H, 1, T, precision='bfloat16')
+  models = model_lib.build(V, H, 1, T, precision='float16')
   with fused_lstm.swap_in(models.lstms) as swapped:
     assert swapped == 0
   assert not fused_lstm.supported(models.lstms[0])
   assert fused_lstm.supported(model_lib.build(V, H, 1, T).lstms[0])
+
+
+def _matmul_dtypes(fn):
+  """The T attrs of every MatMul in fn's graph and the graphs of the functions it calls."""
+  graph = fn.get_concrete_function().graph.as_graph_def()
+  nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+  return {tf.dtypes.as_dtype(n.attr['T'].type).name for n in nodes
+          if n.op in ('MatMul', 'BatchMatMulV2')}
+
+
+def test_bfloat16_multiplies_in_bfloat16_and_tracks_float32():
+  f32 = model_lib.build(V, H, 2, T)
+  bf16 = model_lib.build(V, H, 2, T, precision='bfloat16')
+  for w, w16 in zip(f32.train.weights, bf16.train.weights):
+    w16.assign(w)
+  assert fused_lstm.supported(bf16.lstms[0])
+  args = _inputs(2)
+  ref = _loss_and_grads(f32, False, *args)
+
+  @tf.function
+  def run16():
+    x, h, c, y = args
+    with tf.GradientTape() as tape, fused_lstm.swap_in(bf16.lstms) as swapped:
+      logits, h2, c2 = bf16.train([x, h, c], training=True)
+      loss = (tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+              + 0.3 * tf.reduce_sum(h2 * h2) + 0.1 * tf.reduce_sum(c2))
+    assert swapped == 2
+    return [loss, logits, h2, c2] + tape.gradient(loss, bf16.train.trainable_variables)
+  # Every LSTM matmul, forward and backward, on bfloat16 operands; the Dense
+  # (logits) layer stays float32 by design.
+  assert _matmul_dtypes(run16) == {'bfloat16', 'float32'}
+  out = [t.numpy() for t in run16()]
+  assert len(out) == len(ref)
+  for got, want in zip(out, ref):
+    assert got.dtype == np.float32  # the state, logits and weight gradients reach float32
+    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-6)
+    assert err < 2e-2, err  # bfloat16 keeps 8 significant bits: ~0.4% per operand
+    assert not np.array_equal(got, want) or not np.any(want)  # it did round
+
+
+def _train_losses(precision, steps=120):
+  from configs import shakespeare  # pylint: disable=g-import-not-at-top
+  c = config_lib.override(shakespeare.get_config('smoke'), **{
+      'runtime.precision': precision, 'runtime.strategy': 'cpu', 'train.fused_lstm': True,
+      'train.num_steps': steps, 'train.steps_per_loop': 20, 'data.mode': 'shuffle',
+      'model.hidden_size': 64, 'data.batch_size': 16, 'data.seq_length': 50})
+  c = config_lib.finalize(c)
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  corpus = source.open_corpus(c.data)
+  training = steps_lib.setup(c, strategy, corpus.vocab.size)
+  assert training.loops.fused and training.models.lstms[0].compute_dtype == precision
+  layout = data_lib.make_layout(len(corpus.train), c.data.seq_length, c.data.batch_size,
+                                'shuffle')
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda ctx: data_lib.make_dataset(corpus.train, corpus.vocab.size, layout, ctx,
+                                        seed=c.seed)))
+  return [float(training.loops.train(iterator, 20)) for _ in range(steps // 20)]
+
+
+def test_bfloat16_training_follows_float32():
+  f32, bf16 = _train_losses('float32'), _train_losses('bfloat16')
+  assert f32[-1] < f32[0] - 0.5  # it learned: the comparison below means something
+  # The same batches from the same weights: the mean loss of the last 20
+  # steps agrees within 0.02 nats/char (launch.bench checks 300 steps at H=512).
+  assert abs(bf16[-1] - f32[-1]) < 0.02, (f32, bf16)
+
+
+def test_bfloat16_falls_back_to_float32_loudly_on_a_cpu_without_it(tmp_path, monkeypatch,
+                                                                   caplog):
+  strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
+  old = tmp_path / 'cpuinfo-old'
+  old.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f fma\n\n'
+                 'processor\t: 1\nflags\t\t: fpu sse2 avx2 avx512f fma\n')
+  new = tmp_path / 'cpuinfo-new'
+  new.write_text('processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n')
+  arm = tmp_path / 'cpuinfo-arm'
+  arm.write_text('processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n')
+  assert distribute.cpu_bf16_flags(str(old)) == []
+  assert distribute.cpu_bf16_flags(str(new)) == ['amx_bf16', 'avx512_bf16']
+  assert distribute.cpu_bf16_flags(str(arm)) == ['bf16']
+  assert distribute.cpu_bf16_flags(str(tmp_path / 'missing')) is None
+  monkeypatch.setattr(distribute, 'CPUINFO', str(old))
+  with caplog.at_level('WARNING'):
+    assert distribute.precision_for('bfloat16', strategy) == 'float32'
+  assert 'none of avx512_bf16, amx_bf16, bf16' in caplog.text
+  assert 'Training in float32 instead' in caplog.text
+  assert distribute.precision_for('float32', strategy) == 'float32'
+  from configs import shakespeare  # pylint: disable=g-import-not-at-top
+  c = config_lib.finalize(config_lib.override(
+      shakespeare.get_config('smoke'), **{'runtime.precision': 'bfloat16'}))
+  training = steps_lib.setup(c, strategy, 65)  # what pipeline.train builds
+  assert training.models.lstms[0].compute_dtype == 'float32'
+  monkeypatch.setattr(distribute, 'CPUINFO', str(new))
+  assert distribute.precision_for('bfloat16', strategy) == 'bfloat16'
