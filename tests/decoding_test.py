@@ -36,9 +36,6 @@ def test_top_p_1_leaves_every_draw_as_it_was():
   for trial in range(20):
     logits = tf.constant(rng.normal(size=(8, 65)) * 3, tf.float32)
     for i in range(5):
-      args = (logits, tf.constant(0.9), tf.constant(trial % 3 * 5), tf.constant(trial, tf.int64), i)
-      before = generate.choose(*args).numpy()
-      np.testing.assert_array_equal(generate.choose(*args, top_p=tf.constant(1.0)), before)
       rows = (logits, tf.fill([8], 0.9), tf.fill([8], trial % 3 * 5),
               tf.range(8, dtype=tf.int64) + trial, tf.fill([8], tf.cast(i, tf.int64)))
       np.testing.assert_array_equal(
@@ -47,9 +44,6 @@ def test_top_p_1_leaves_every_draw_as_it_was():
 
 def test_top_p_samples_only_inside_the_nucleus():
   logits = tf.math.log(tf.constant([[0.05, 0.6, 0.3, 0.05]], tf.float32))
-  seen = {int(generate.choose(logits, tf.constant(1.0), tf.constant(0), tf.constant(7, tf.int64),
-                              i, top_p=tf.constant(0.85))[0]) for i in range(300)}
-  assert seen == {1, 2}
   rows = [tf.tile(logits, [300, 1]), tf.ones([300]), tf.zeros([300], tf.int32),
           tf.fill([300], tf.constant(3, tf.int64)), tf.range(300, dtype=tf.int64)]
   assert set(generate.choose_rows(*rows, top_p=tf.fill([300], 0.85)).numpy()) == {1, 2}

@@ -155,6 +155,9 @@ TARGETS = (  # (name, row key, ratio field, minimum, hidden size it applies to o
     ('input pipeline >= 10 x (a)', 'input', 'vs_a', 10.0, None),
     ('(g) >= 500 x (e) seed predict', 'g', 'vs_e', 500.0, 256),  # issue 6: at H=256
     ('(h) >= 3000 x (e) seed predict', 'h', 'vs_e', 3000.0, 256),
+    ('(g) >= 2500 x (e) seed predict', 'g', 'vs_e', 2500.0, 256),  # issue 14: XLA loop
+    ('(h) >= 10000 x (e) seed predict', 'h', 'vs_e', 10000.0, 256),
+    ('(g) >= 1000 x (e) seed predict', 'g', 'vs_e', 1000.0, 512),
 )
 
 

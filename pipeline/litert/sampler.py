@@ -128,7 +128,7 @@ def prompt_ids(prompts, chars):
 
 
 def choose(logits, temperature, top_k, rng):
-  """The next id from one row of float32 logits [V], as pipeline.generate.choose picks it."""
+  """The next id from one row of float32 logits [V], by generate.choose_rows' conventions."""
   if temperature <= 0:
     return int(np.argmax(logits))  # the first maximum: ties go to the lower id
   scaled = logits.astype(np.float64) / max(temperature, 1e-6)
