@@ -34,6 +34,9 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 100, 'Window length T.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; each figure is over these.')
 _SECONDS = flags.DEFINE_float('seconds', 2.0, 'About how long one measurement of one case takes.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
+_NUMERICS_STEPS = flags.DEFINE_integer(
+    'numerics_steps', 300, 'At the largest --hidden: train float32 and bfloat16 this many '
+    'steps on the same batches and compare their losses (0: skip).')
 _MEMORY_MB = flags.DEFINE_list('memory_mb', ['1', '10', '100'],
                                '--what=memory: generated corpus sizes in MB.')
 _SAVED_MODEL = flags.DEFINE_string(
@@ -65,6 +68,8 @@ def main(argv):
     for name, flag in (('layers', _LAYERS), ('batch', _BATCH), ('seq_len', _SEQ_LEN),
                        ('rounds', _ROUNDS)):
       _positive(name, flag.value)
+    if _NUMERICS_STEPS.value < 0:
+      raise app.UsageError(f'--numerics_steps must be >= 0, got {_NUMERICS_STEPS.value}')
     if not _SECONDS.value > 0:
       raise app.UsageError(f'--seconds must be > 0, got {_SECONDS.value}')
   if _WHAT.value == 'serve':
@@ -89,7 +94,8 @@ def main(argv):
     return
   from pipeline.bench import speed  # pylint: disable=g-import-not-at-top
   speed.run(config, hidden, layers=_LAYERS.value, batch=_BATCH.value, seq_len=_SEQ_LEN.value,
-            rounds=_ROUNDS.value, seconds=_SECONDS.value, json_path=_JSON.value)
+            rounds=_ROUNDS.value, seconds=_SECONDS.value, numerics_steps=_NUMERICS_STEPS.value,
+            json_path=_JSON.value)
   # Everything is written. Tearing down the cases' tf.data iterators waits for
   # their autotuning threads (seconds to minutes each, measured), so skip it.
   sys.stdout.flush()

@@ -6,14 +6,14 @@ import math
 
 from tests.conftest import run
 
-TRAIN = ['a', 'b', 'c', 'd1', 'd2', 'd3']
+TRAIN = ['a', 'b', 'c', 'd1', 'd2', 'd3', 'a16']
 SAMPLE = ['e', 'f', 'g', 'h']
 
 
 def test_tiny_bench_prints_every_row_and_writes_json(tmp_path):
   out = tmp_path / 'bench.json'
   proc = run(['-m', 'launch.bench', '--hidden=8', '--batch=4', '--seq_len=10', '--rounds=1',
-              '--seconds=0.01', f'--json={out}'], timeout=240)
+              '--seconds=0.01', '--numerics_steps=4', f'--json={out}'], timeout=240)
   table = proc.stdout
   for key in TRAIN + ['input'] + SAMPLE:
     assert f'({key}) ' in table, table
@@ -34,19 +34,28 @@ def test_tiny_bench_prints_every_row_and_writes_json(tmp_path):
     assert all(math.isfinite(x) and x > 0 for x in numbers), r
     assert r['min'] <= r['median'] <= r['max'], r
   for key in TRAIN:
-    assert {'vs_b', 'vs_c', 'gflops', 'fraction_of_peak'} <= set(rows[key]), rows[key]
+    assert {'vs_a', 'vs_b', 'vs_c', 'gflops', 'fraction_of_peak'} <= set(rows[key]), rows[key]
     assert rows[key]['gflops'] > 0 and rows[key]['fraction_of_peak'] > 0
-  assert rows['b']['vs_b'] == 1.0 and rows['e']['vs_e'] == 1.0
+  assert rows['b']['vs_b'] == 1.0 and rows['e']['vs_e'] == 1.0 and rows['a']['vs_a'] == 1.0
   assert 'vs_a' in rows['input']
-  # Sampling targets apply at H=256 only; the training and input ones at every size.
-  assert [t['target'][:3] for t in result['targets']] == ['(a)', '(a)', 'inp']
+  # This CPU has bf16 (the bench says so in the label when it has not).
+  assert 'NO bf16' not in rows['a16']['label']
+  n = size['numerics']  # at the largest (here the only) size
+  assert (n['steps'], n['precision'], n['trained_as']) == (4, 'bfloat16', 'bfloat16')
+  assert math.isclose(n['difference'], n['loss'] - n['float32_loss'])
+  assert 0 < n['loss'] < 5 and 0 < n['float32_loss'] < 5
+  assert 'numerics: 4 steps' in table
+  # Sampling and the peak and bf16 speed targets apply at H=256 or 512 only; the
+  # other training and input ones at every size; the numerics one where it ran.
+  assert [t['target'][:3] for t in result['targets']] == ['(a)', '(a)', 'inp', 'bf1']
   assert all(isinstance(t['met'], bool) for t in result['targets'])
 
 
 def test_bad_flags_are_usage_errors_before_tensorflow_starts():
   for flag, message in (('--hidden=12,big', "--hidden takes whole numbers, got ['12', 'big']"),
                         ('--rounds=0', '--rounds must be >= 1, got 0'),
-                        ('--seconds=-1', '--seconds must be > 0, got -1.0')):
+                        ('--seconds=-1', '--seconds must be > 0, got -1.0'),
+                        ('--numerics_steps=-1', '--numerics_steps must be >= 0, got -1')):
     proc = run(['-m', 'launch.bench', flag], check=False, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == message

@@ -119,15 +119,17 @@ class Setup:
                            self.config.runtime.precision)
 
 
-def charlstm_case(s, key, label, *, steps_per_loop, jit, fused):
-  """Case a or d: pipeline.steps' train loop, set up by steps.setup as pipeline.train does.
+def charlstm_case(s, key, label, *, steps_per_loop, jit, fused, precision=None):
+  """Case a, a16 or d: pipeline.steps' train loop, set up by steps.setup as pipeline.train does.
 
-  The case's config is the size's with these train settings; shuffle mode (every
-  window from zero state, as in b and c), and the weights of `config.seed`.
+  The case's config is the size's with these train settings (and precision,
+  if given); shuffle mode (every window from zero state, as in b and c), and
+  the weights of `config.seed`.
   """
   config = config_lib.override(copy.deepcopy(s.config), **{
       'train.steps_per_loop': steps_per_loop, 'train.jit_compile': jit,
-      'train.fused_lstm': fused, 'data.mode': 'shuffle'})
+      'train.fused_lstm': fused, 'data.mode': 'shuffle',
+      'runtime.precision': precision or s.config.runtime.precision})
   training = steps_lib.setup(config, s.strategy, s.vocab)
   loops = training.loops
   iterator = iter(s.strategy.distribute_datasets_from_function(s.dataset))
@@ -142,6 +144,32 @@ def charlstm_case(s, key, label, *, steps_per_loop, jit, fused):
   case.models = training.models  # exported for the sampling cases
   case.xla_loop = training.jit_mode == 'loop'  # XLA compiles one program per loop length
   return case
+
+
+def precision_numerics(s, precision, steps, steps_per_loop=50):
+  """Trains float32 and `precision` copies of case a's setup on the same batches.
+
+  Both start from the weights of `config.seed` and read the same shuffled
+  windows, so their losses differ only by the arithmetic. Returns each one's
+  mean training loss over its last loop (steps - steps_per_loop + 1 .. steps)
+  and the difference.
+  """
+  losses = {}
+  for p in ('float32', precision):
+    config = config_lib.override(copy.deepcopy(s.config), **{
+        'train.steps_per_loop': steps_per_loop, 'train.jit_compile': False,
+        'train.fused_lstm': True, 'data.mode': 'shuffle', 'runtime.precision': p})
+    training = steps_lib.setup(config, s.strategy, s.vocab)
+    iterator = iter(s.strategy.distribute_datasets_from_function(s.dataset))
+    done = 0
+    while done < steps:
+      n = min(steps_per_loop, steps - done)
+      loss = float(training.loops.train(iterator, n))
+      done += n
+    losses[p] = {'loss': loss, 'trained_as': training.models.lstms[0].compute_dtype}
+  return {'steps': steps, 'precision': precision, 'float32_loss': losses['float32']['loss'],
+          'loss': losses[precision]['loss'], 'trained_as': losses[precision]['trained_as'],
+          'difference': losses[precision]['loss'] - losses['float32']['loss']}
 
 
 def fit_case(s):

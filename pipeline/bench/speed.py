@@ -14,7 +14,12 @@ Per model size (LSTM layers x H units, batch B, windows of T chars, float32):
        schedule, global-norm clipping) through model.compile + model.fit;
     c  the seed post's way: model.fit on a Python generator of one-hot numpy
        windows, batch size 1, Adam, no clipping (the same layers and sizes);
-    d  variants of a: steps_per_loop=1; XLA toggled; Keras's own LSTM gradient.
+    d  variants of a: steps_per_loop=1; XLA toggled; Keras's own LSTM gradient;
+    a16 a in bfloat16 (runtime.precision=bfloat16: the fused LSTM's matmuls on
+       bfloat16 operands; float32, and labelled so, on a CPU without bf16).
+  numerics (the largest size only): a and a16 trained `numerics_steps` steps
+    from the same weights on the same batches; their mean losses over the
+    last 50 steps.
   input: chars/s the tf.data pipeline of a delivers on its own.
   peak: GFLOP/s of a large float32 tf.matmul, this machine's practical peak.
   sampling, chars generated per second:
@@ -67,7 +72,8 @@ def _ratio(num, den):
   return float(np.median(np.array(num.rates) / np.array(den.rates)))
 
 
-def measure_size(config, corpus, strategy, *, rounds, seconds, workdir, log=logging.info):
+def measure_size(config, corpus, strategy, *, rounds, seconds, workdir, numerics_steps=0,
+                 log=logging.info):
   """All cases for the model size in `config`, interleaved for `rounds` rounds."""
   s = cases_lib.Setup(config, corpus, strategy)
   jit, spl, fused = bool(config.train.jit_compile), config.train.steps_per_loop, bool(
@@ -90,7 +96,10 @@ def measure_size(config, corpus, strategy, *, rounds, seconds, workdir, log=logg
       charlstm('d2', f'a with XLA {"off" if jit else "on"}', jit=not jit),
       charlstm('d3', 'a with ' + ("Keras's LSTM loop (fused_lstm=False)" if fused
                                   else 'fused_lstm=True'), fused=not fused),
+      charlstm('a16', 'a in bfloat16 (bfloat16 matmuls)', precision='bfloat16'),
   ]
+  if train_cases[-1].models.lstms[0].compute_dtype != 'bfloat16':  # the fallback warned
+    train_cases[-1].label = 'a in bfloat16: NO bf16 on this CPU, ran float32'
   for case in train_cases[1:]:
     log('size H=%d: warming up case %s', s.hidden, case.key)
     if case.key == 'c':  # batch 1: its own step count, about as long as a's measurement
@@ -117,7 +126,11 @@ def measure_size(config, corpus, strategy, *, rounds, seconds, workdir, log=logg
   # measured at 7 s to minutes per iterator here; keep them for the process's
   # life instead (launch.bench then exits without tearing them down).
   _LIVE.extend(cases)
-  return _summarise(s, cases, steps, step_seconds)
+  result = _summarise(s, cases, steps, step_seconds)
+  if numerics_steps:
+    log('size H=%d: float32 and bfloat16, %d steps each', s.hidden, numerics_steps)
+    result['numerics'] = cases_lib.precision_numerics(s, 'bfloat16', numerics_steps)
+  return result
 
 
 def _summarise(s, cases, steps, step_seconds):
@@ -130,6 +143,7 @@ def _summarise(s, cases, steps, step_seconds):
     row = {'key': c.key, 'label': c.label, 'section': c.section, 'work': c.work,
            **_stats(c.rates)}
     if c.section == 'train':
+      row['vs_a'] = _ratio(c, by['a'])
       row['vs_b'] = _ratio(c, by['b'])
       row['vs_c'] = _ratio(c, by['c'])
       row['gflops'] = row['median'] * flops / 1e9
@@ -158,11 +172,15 @@ TARGETS = (  # (name, row key, ratio field, minimum, hidden size it applies to o
     ('(g) >= 2500 x (e) seed predict', 'g', 'vs_e', 2500.0, 256),  # issue 14: XLA loop
     ('(h) >= 10000 x (e) seed predict', 'h', 'vs_e', 10000.0, 256),
     ('(g) >= 1000 x (e) seed predict', 'g', 'vs_e', 1000.0, 512),
+    ('(a) >= 0.60 x matmul peak', 'a', 'fraction_of_peak', 0.60, 256),  # issue 14
+    ('(a) >= 0.75 x matmul peak', 'a', 'fraction_of_peak', 0.75, 512),
+    ('(a16) bf16 >= 1.4 x (a) float32', 'a16', 'vs_a', 1.4, 512),
 )
+NUMERICS_TOLERANCE = 0.02  # nats/char: |bfloat16 loss - float32 loss| after numerics_steps
 
 
 def speed(config, hidden_sizes=(256, 512), *, layers=1, batch=64, seq_len=100, rounds=5,
-          seconds=2.0, log=logging.info):
+          seconds=2.0, numerics_steps=300, log=logging.info):
   """Measures the speed table for each hidden size; returns a JSON-able dict."""
   c = config_lib.finalize(copy.deepcopy(config))
   if c.runtime.deterministic:
@@ -184,8 +202,9 @@ def speed(config, hidden_sizes=(256, 512), *, layers=1, batch=64, seq_len=100, r
     for hidden in hidden_sizes:
       size_config = config_lib.override(copy.deepcopy(bench_config),
                                         **{'model.hidden_size': hidden})
-      sizes.append(measure_size(size_config, corpus, strategy, rounds=rounds,
-                                seconds=seconds, workdir=workdir, log=log))
+      sizes.append(measure_size(
+          size_config, corpus, strategy, rounds=rounds, seconds=seconds, workdir=workdir,
+          numerics_steps=numerics_steps if hidden == max(hidden_sizes) else 0, log=log))
   targets = []
   for size in sizes:
     rows = {r['key']: r for r in size['rows']}
@@ -195,6 +214,12 @@ def speed(config, hidden_sizes=(256, 512), *, layers=1, batch=64, seq_len=100, r
       value = rows[key][field]
       targets.append({'hidden': size['hidden'], 'target': name, 'value': value,
                       'met': value >= minimum})
+    if 'numerics' in size:
+      n = size['numerics']
+      value = abs(n['difference'])
+      targets.append({'hidden': size['hidden'], 'met': value <= NUMERICS_TOLERANCE,
+                      'target': f"bf16 loss @{n['steps']} steps within {NUMERICS_TOLERANCE}",
+                      'value': value})
   return {'config': config_lib.to_json(c), 'rounds': rounds, 'seconds': seconds,
           'sizes': sizes, 'targets': targets}
 
@@ -210,7 +235,7 @@ def format_table(result):
     lines.append(f"a, b, d: {size['steps_per_measurement']} steps per measurement (a: in one "
                  'call); ratios: median over rounds of the ratio within a round')
     lines.append(f"{'':54s} {'median':>10s} {'min':>10s} {'max':>10s} {'ratio':>12s} "
-                 f"{'GFLOP/s':>8s} {'of peak':>7s}")
+                 f"{'GFLOP/s':>8s} {'of peak':>7s} {'vs a':>6s}")
     section = None
     for r in size['rows']:
       if r['section'] != section:
@@ -220,7 +245,7 @@ def format_table(result):
                       'sample': 'sampling, chars/s'}[section])
       if section == 'train':
         ratio = f"{r['vs_b']:5.2f}xb {r['vs_c']:5.1f}xc"
-        extra = f"{r['gflops']:8.1f} {100 * r['fraction_of_peak']:6.1f}%"
+        extra = f"{r['gflops']:8.1f} {100 * r['fraction_of_peak']:6.1f}% {r['vs_a']:5.2f}x"
       elif section == 'input':
         ratio = f"{r['vs_a']:10.1f}xa"
         extra = (f"one-hot {r['input_bytes_per_char']:.0f} B/char "
@@ -233,10 +258,17 @@ def format_table(result):
       fmt = '10,.1f' if section == 'peak' else '10,.0f'
       lines.append(f"  {label[:52]:52s} {r['median']:{fmt}} {r['min']:{fmt}} "
                    f"{r['max']:{fmt}} {ratio:>12s} {extra}".rstrip())
+    if 'numerics' in size:
+      n = size['numerics']
+      lines.append(f"numerics: {n['steps']} steps from the same weights on the same batches, "
+                   f"mean loss of the last 50: float32 {n['float32_loss']:.4f}, "
+                   f"{n['precision']} {n['loss']:.4f} (trained as {n['trained_as']}), "
+                   f"difference {n['difference']:+.4f} nats/char")
     lines.append('')
   lines.append('targets')
   for t in result['targets']:
-    lines.append(f"  H={t['hidden']:<4d} {t['target']:34s} {t['value']:10.2f}  "
+    value = f"{t['value']:10.2f}" if abs(t['value']) >= 1 else f"{t['value']:10.4f}"
+    lines.append(f"  H={t['hidden']:<4d} {t['target']:34s} {value}  "
                  f"{'met' if t['met'] else 'NOT MET'}")
   return '\n'.join(lines)
 
