@@ -55,7 +55,9 @@ TRAIN_AND_EXPORT_ON_GPU = textwrap.dedent('''
 ''' % RNN_MODULE)
 
 # A fresh CPU process (optionally with op determinism): greedy and seeded text
-# through the sampler job, and serving_default called twice.
+# from the sampler job's loader and `generate`, and serving_default called
+# twice, all on one load of each export (each load compiles its XLA decode
+# loop again: loading three times made this the suite's slowest test).
 SAMPLE = textwrap.dedent('''
     import json, sys
     import tensorflow as tf
@@ -64,9 +66,12 @@ SAMPLE = textwrap.dedent('''
     from pipeline import sample
     out = {}
     for export in sys.argv[3:]:
-      greedy, seeded = (sample.sample(export, [sys.argv[2]], %d, temperature=t, seed=1)[0][1]
-                        for t in (0.0, 1.0))
-      serve = tf.saved_model.load(export).signatures['serving_default']
+      module, _ = sample.load(export)
+      greedy, seeded = (module.generate(
+          prompts=tf.constant([sys.argv[2]]), num_chars=tf.constant(%d),
+          temperature=tf.constant(t), top_k=tf.constant(0),
+          seed=tf.constant(1, tf.int64))['text'].numpy()[0].decode() for t in (0.0, 1.0))
+      serve = module.signatures['serving_default']
       served = [serve(prompts=tf.constant([sys.argv[2]]))['text'].numpy()[0].decode()
                 for _ in range(2)]
       out[export] = {'greedy': greedy, 'seeded': seeded, 'served': served}
