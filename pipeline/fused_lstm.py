@@ -54,7 +54,8 @@ def _gates(z):
 # H >= 512. (XLA over the whole sequence measured slower at H=512; vectorising
 # the gate derivatives over all T at once was slower too: passes over (T, B, 4H)
 # arrays that do not fit in cache.)
-def _cell(z, c):
+def lstm_cell(z, c):
+  """Keras's LSTM cell on pre-activations z = [i | f | g | o]: (h, c)."""
   i, f, g, o = _gates(z)
   c = f * c + i * g
   return o * tf.tanh(c), c
@@ -69,7 +70,7 @@ def _cell_forward(xz, hw, c):
   matmul dtype (the next step's matmul operand), c and z float32.
   """
   z = xz + tf.cast(hw, tf.float32)
-  h, c = _cell(z, c)
+  h, c = lstm_cell(z, c)
   return h, tf.cast(h, hw.dtype), c, z
 
 
@@ -189,7 +190,7 @@ def _inner_loop(lstm, input_grad, sequences, initial_state, mask, training=False
     z = (tf.cast(tf.matmul(sequences[:, 0], tf.cast(cell.kernel.value, md)), tf.float32)
          + tf.cast(tf.matmul(tf.cast(h, md), tf.cast(cell.recurrent_kernel.value, md)),
                    tf.float32) + tf.cast(cell.bias.value, tf.float32))
-    h, c = _cell(z, tf.cast(c, tf.float32))
+    h, c = lstm_cell(z, tf.cast(c, tf.float32))
     out = tf.cast(h, md)
     return out, out[:, None], [h, c]
   outputs, h, c = lstm_sequence(sequences, h, c, cell.kernel.value,

@@ -24,6 +24,8 @@ import functools
 
 import tensorflow as tf
 
+from pipeline import fused_lstm
+
 
 def prompt_ids(vocab_codepoints, prompts):
   """Maps string prompts to ragged ids; fails clearly on characters outside the vocabulary.
@@ -271,13 +273,6 @@ def extend(step_fn, vocab_chars, h, c, logits, num_chars, temperature, top_k, se
 CHUNK = 256  # chars per XLA call: per-call dispatch is then < 1% of a chunk
 
 
-def _cell(z, c):
-  """Keras's LSTM cell on pre-activations z = [i | f | g | o]."""
-  i, f, g, o = tf.split(z, 4, axis=1)
-  c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-  return tf.sigmoid(o) * tf.tanh(c), c
-
-
 def weights_step(lstms, dense):
   """(ids int32 [B], h [B, L, H], c [B, L, H]) -> (logits [B, V], h, c) from the weights.
 
@@ -294,7 +289,7 @@ def weights_step(lstms, dense):
       else:
         xz = tf.matmul(x, cell.kernel.value)
       z = xz + tf.matmul(h[:, i], cell.recurrent_kernel.value) + cell.bias.value
-      x, c_i = _cell(z, c[:, i])
+      x, c_i = fused_lstm.lstm_cell(z, c[:, i])
       hs.append(x)
       cs.append(c_i)
     logits = tf.matmul(x, dense.kernel.value) + dense.bias.value
