@@ -70,6 +70,7 @@ def base_config():
   c.train.jit_compile = False  # XLA on CPU: compile the whole loop (one replica) or forward/backward (several); GPUs ignore it.
   c.train.tpu_proxy = False  # CPU: compile each step exactly as a TPU does (XLA over the whole replica step, Keras's LSTM, bfloat16 inputs fed per step).
   c.train.fused_lstm = True  # CPU: the train step runs each LSTM layer as pipeline.fused_lstm (Keras's math, a 1.2-1.6x faster gradient); False: Keras's own loop.
+  c.train.lstm_chains = 0  # fused_lstm: split each batch into N recurrences run side by side on the CPU cores (0: one per core, up to batch/16; same math).
   c.train.export = True  # Export a SavedModel to <workdir>/export when training ends.
   c.train.init_from = ''  # Fine-tune: start from a workdir's latest checkpoint, an export dir or a checkpoint (merged vocabulary, fresh optimizer; not on resume).
 
@@ -136,6 +137,8 @@ def validate(c):
     _check(t[key] >= 1, f'train.{key} must be >= 1, got {t[key]}.')
   _check(t.lr_schedule in SCHEDULES,
          f'train.lr_schedule must be one of {SCHEDULES}, got {t.lr_schedule!r}.')
+  _check(t.lstm_chains >= 0,
+         f'train.lstm_chains must be >= 0 (0: one per CPU core), got {t.lstm_chains}.')
   _check(t.grad_clip_norm >= 0, 'train.grad_clip_norm must be >= 0 (0 disables).')
   _check(r.strategy in STRATEGIES,
          f'runtime.strategy must be one of {STRATEGIES}, got {r.strategy!r}.')

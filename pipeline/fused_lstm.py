@@ -36,6 +36,7 @@ so pipeline.steps does not swap there).
 
 import contextlib
 import functools
+import os
 
 import keras
 import tensorflow as tf
@@ -90,7 +91,22 @@ def _cell_backward(z, c, c_prev, d_out, dh_w, dc_next):
   return tf.cast(dz, dh_w.dtype), dc * f
 
 
-def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True):
+def chains_for(batch, chains=0):
+  """How many independent recurrences to split a batch of `batch` rows into.
+
+  A (B, H) x (H, 4H) matmul at B=64 is too small for oneDNN to keep two cores
+  busy (one chain ran at 100-106 GFLOP/s at H=256 against a 230 GFLOP/s matmul
+  peak here); two half-batch chains in one loop run side by side on the
+  inter-op threads (1.6-1.75x at H=256). chains=0 picks one per CPU core up to
+  one per 16 rows; a count that does not divide the batch falls back to 1.
+  """
+  if chains <= 0:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    chains = max(1, min(cores or 1, batch // 16))
+  return chains if batch % chains == 0 else 1
+
+
+def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, chains=1):
   """Runs an LSTM over x with Keras's gate layout (i, f, g, o); a fused gradient.
 
   Args:
@@ -104,12 +120,17 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True):
       bfloat16 values a mixed_bfloat16 layer reads (Keras autocasts them; the
       gradients then reach the float32 variables through that cast).
     input_grad: False skips dL/dx (the first layer's inputs are data).
+    chains: the batch rows run as this many independent recurrences (equal
+      row blocks, each its own matmul per step) in the same loop, so that the
+      inter-op threads run them at once; it must divide B. The math per row
+      is unchanged.
 
   Returns:
     (outputs (B, T, H) in x's dtype, h_T (B, H) float32, c_T (B, H) float32).
   """
   md = x.dtype  # the matmuls' dtype
   f32 = tf.float32
+  k = chains
 
   @tf.custom_gradient
   def run(x, h0, c0, w_x, w_h, b):
@@ -120,36 +141,57 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True):
     x_rows = tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, d])  # time-major rows
     xz = tf.reshape(tf.cast(tf.matmul(x_rows, w_x_m), f32) + tf.cast(b, f32),
                     [t_len, -1, 4 * hid])
-    xz = tf.TensorArray(f32, size=t_len).unstack(xz)
+    # Chain j owns rows [j B/k, (j+1) B/k); each keeps its own arrays.
+    xz = [tf.TensorArray(f32, size=t_len).unstack(p) for p in tf.split(xz, k, axis=1)]
+    h0_m = tf.cast(h0, md)
 
-    def step(t, h, h_m, c, zs, hs, cs):
-      h, h_m, c, z = _cell_forward(xz.read(t), tf.matmul(h_m, w_h_m), c)
-      return t + 1, h, h_m, c, zs.write(t, z), hs.write(t, h_m), cs.write(t, c)
+    def step(t, hs_m, cs, arrays, unused_h):
+      out_h, out_hm, out_c, out = [], [], [], []
+      for j in range(k):
+        h, h_m, c, z = _cell_forward(xz[j].read(t), tf.matmul(hs_m[j], w_h_m), cs[j])
+        zs, hs, cs_a = arrays[j]
+        out_h.append(h), out_hm.append(h_m), out_c.append(c)
+        out.append((zs.write(t, z), hs.write(t, h_m), cs_a.write(t, c)))
+      return t + 1, out_hm, out_c, out, out_h
 
     # z and c are kept for the backward pass (gates are recomputed from z there).
-    arrays = [tf.TensorArray(dt, size=t_len, clear_after_read=False) for dt in (f32, md, f32)]
-    h0_m = tf.cast(h0, md)
-    _, h_t, _, c_t, zs, hs, cs = tf.while_loop(
-        lambda t, *_: t < t_len, step, [tf.constant(0), h_init, h0_m, c_init, *arrays])
-    h_all = hs.stack()  # (T, B, H) in the matmul dtype
+    def new_arrays():
+      return tuple(tf.TensorArray(dt, size=t_len, clear_after_read=False) for dt in (f32, md, f32))
+    h_parts = tf.split(h_init, k)
+    _, _, c_last, arrays, h_last = tf.while_loop(
+        lambda t, *_: t < t_len, step,
+        [tf.constant(0), tf.split(h0_m, k), tf.split(c_init, k),
+         [new_arrays() for _ in range(k)], h_parts])
+    h_t, c_t = tf.concat(h_last, 0), tf.concat(c_last, 0)
+    h_all = tf.concat([hs.stack() for _, hs, _ in arrays], 1)  # (T, B, H), matmul dtype
 
     def grad(d_outputs, d_h_t, d_c_t):
-      d_out = tf.TensorArray(f32, size=t_len).unstack(
-          tf.cast(tf.transpose(d_outputs, [1, 0, 2]), f32))
+      d_out = [tf.TensorArray(f32, size=t_len).unstack(p) for p in tf.split(
+          tf.cast(tf.transpose(d_outputs, [1, 0, 2]), f32), k, axis=1)]
       w_h_t = tf.transpose(w_h_m)
+      c_init_parts = tf.split(c_init, k)
 
-      def back(t, dh_w, dc_next, c, dzs):
-        c_prev = tf.cond(t > 0, lambda: cs.read(tf.maximum(t - 1, 0)), lambda: c_init)
-        dz, dc = _cell_backward(zs.read(t), c, c_prev, d_out.read(t), dh_w, dc_next)
-        return t - 1, tf.matmul(dz, w_h_t), dc, c_prev, dzs.write(t, dz)
+      def back(t, dh_ws, dc_nexts, c_s, dzs):
+        out = ([], [], [], [])
+        for j in range(k):
+          zs, _, cs = arrays[j]
+          c_prev = tf.cond(t > 0, lambda: cs.read(tf.maximum(t - 1, 0)),
+                           lambda: c_init_parts[j])  # pylint: disable=cell-var-from-loop
+          dz, dc = _cell_backward(zs.read(t), c_s[j], c_prev, d_out[j].read(t),
+                                  dh_ws[j], dc_nexts[j])
+          for lst, v in zip(out, (tf.matmul(dz, w_h_t), dc, c_prev, dzs[j].write(t, dz))):
+            lst.append(v)
+        return (t - 1,) + out
 
+      dh_last = tf.zeros_like(h0_m) if d_h_t is None else tf.cast(d_h_t, md)
+      dc_last = tf.zeros_like(c_init) if d_c_t is None else tf.cast(d_c_t, f32)
       _, dh0, dc0, _, dzs = tf.while_loop(
           lambda t, *_: t >= 0, back,
-          [t_len - 1, tf.zeros_like(h0_m) if d_h_t is None else tf.cast(d_h_t, md),
-           tf.zeros_like(c_init) if d_c_t is None else tf.cast(d_c_t, f32), c_t,
-           tf.TensorArray(md, size=t_len)])
+          [t_len - 1, tf.split(dh_last, k), tf.split(dc_last, k), c_last,
+           [tf.TensorArray(md, size=t_len) for _ in range(k)]])
+      dh0, dc0 = tf.concat(dh0, 0), tf.concat(dc0, 0)
       # The weight gradients: one matmul each over all T * B rows.
-      dz_m = tf.reshape(dzs.stack(), [-1, 4 * hid])
+      dz_m = tf.reshape(tf.concat([a.stack() for a in dzs], 1), [-1, 4 * hid])
       h_prev = tf.reshape(tf.concat([h0_m[None], h_all[:-1]], 0), [-1, hid])
       d_w_h = tf.matmul(h_prev, dz_m, transpose_a=True)
       d_w_x = tf.matmul(x_rows, dz_m, transpose_a=True)
@@ -176,7 +218,7 @@ def supported(lstm):
           and cell.recurrent_activation is keras.activations.sigmoid)
 
 
-def _inner_loop(lstm, input_grad, sequences, initial_state, mask, training=False):
+def _inner_loop(lstm, input_grad, chains, sequences, initial_state, mask, training=False):
   """Stands in for keras.layers.LSTM.inner_loop: (last output, outputs, [h, c])."""
   del training  # no dropout inside the recurrence (see `supported`)
   if mask is not None:
@@ -195,13 +237,17 @@ def _inner_loop(lstm, input_grad, sequences, initial_state, mask, training=False
     return out, out[:, None], [h, c]
   outputs, h, c = lstm_sequence(sequences, h, c, cell.kernel.value,
                                 cell.recurrent_kernel.value, cell.bias.value,
-                                input_grad=input_grad)
+                                input_grad=input_grad,
+                                chains=chains_for(sequences.shape[0] or 1, chains))
   return outputs[:, -1], outputs, [h, c]
 
 
 @contextlib.contextmanager
-def swap_in(lstms, enabled=True):
+def swap_in(lstms, enabled=True, chains=1):
   """Within the block, the supported layers of `lstms` (in stack order) run lstm_sequence.
+
+  chains: lstm_sequence's independent recurrences per layer (chains_for: 0
+  picks one per CPU core).
 
   Use it around the model call that a tf.function traces; the traced graph
   keeps the fused op after the block ends. The first layer skips the input
@@ -212,7 +258,7 @@ def swap_in(lstms, enabled=True):
   for lstm in swapped:
     # object.__setattr__: a plain instance attribute, not a Keras-tracked one.
     object.__setattr__(lstm, 'inner_loop', functools.partial(
-        _inner_loop, lstm, lstm is not lstms[0]))
+        _inner_loop, lstm, lstm is not lstms[0], chains))
   try:
     yield len(swapped)
   finally:

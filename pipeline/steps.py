@@ -138,12 +138,13 @@ class Loops:
 
 
 def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
-          train_state, eval_state, step_var, mode='off', seed=0, fused=True):
+          train_state, eval_state, step_var, mode='off', seed=0, fused=True, chains=1):
   """Builds the train and eval loop functions for `strategy`.
 
   fused: run the LSTM layers' recurrence in the train step as
   pipeline.fused_lstm (same math, a faster gradient) on CPUs; GPUs keep
-  Keras's cuDNN kernel and TPUs Keras's loop.
+  Keras's cuDNN kernel and TPUs Keras's loop. chains: its independent
+  recurrences per layer (fused_lstm.chains_for; 0 picks one per CPU core).
   """
   variables = models.train.trainable_variables
   num_layers = len(models.lstms)
@@ -153,7 +154,7 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
       'GPU') and not isinstance(strategy, tf.distribute.TPUStrategy)
 
   def forward_backward(inputs, targets, h, c, noise):
-    with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused):
+    with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused, chains):
       logits, h2, c2 = models.train([inputs, h, c] + noise, training=True)
       per_char = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
       # Scaled by the global batch: summing replicas' gradients gives the mean.
@@ -296,6 +297,6 @@ def setup(config, strategy, vocab_size, use_cudnn='auto'):
   loops = build(strategy, models, optimizer, global_batch=d.batch_size,
                 stream=d.mode == 'stream', clip_norm=t.grad_clip_norm,
                 train_state=train_state, eval_state=eval_state, step_var=step, mode=mode,
-                seed=config.seed, fused=t.fused_lstm)
+                seed=config.seed, fused=t.fused_lstm, chains=t.lstm_chains)
   return Training(models, optimizer, schedule, step, best_val, train_state, eval_state,
                   loops, mode)

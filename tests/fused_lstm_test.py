@@ -15,21 +15,22 @@ from pipeline import steps as steps_lib
 B, T, V, H = 5, 7, 11, 6
 
 
-def _inputs(layers, seed=0):
+def _inputs(layers, seed=0, b=B):
   rng = np.random.default_rng(seed)
-  x = tf.one_hot(rng.integers(V, size=(B, T)), V)
-  h = tf.constant(rng.normal(size=(B, layers, H)), tf.float32)
-  c = tf.constant(rng.normal(size=(B, layers, H)), tf.float32)
-  y = tf.constant(rng.integers(V, size=(B, T)), tf.int32)
+  x = tf.one_hot(rng.integers(V, size=(b, T)), V)
+  h = tf.constant(rng.normal(size=(b, layers, H)), tf.float32)
+  c = tf.constant(rng.normal(size=(b, layers, H)), tf.float32)
+  y = tf.constant(rng.integers(V, size=(b, T)), tf.int32)
   return x, h, c, y
 
 
-def _loss_and_grads(models, fused, x, h, c, y, noise=()):
+def _loss_and_grads(models, fused, x, h, c, y, noise=(), chains=1):
   """Loss on the logits and on both returned states, so every gradient path is used."""
 
   @tf.function
   def run():
-    with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused) as swapped:
+    with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused,
+                                                       chains) as swapped:
       logits, h2, c2 = models.train([x, h, c, *noise], training=True)
       loss = (tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
               + 0.3 * tf.reduce_sum(h2 * h2) + 0.1 * tf.reduce_sum(c2))
@@ -48,6 +49,27 @@ def test_values_and_gradients_match_keras(layers, dropout):
   assert len(fused_out) == len(keras_out) == 4 + 3 * layers + 2
   for k, f in zip(keras_out, fused_out):
     np.testing.assert_allclose(f, k, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('chains', [2, 3])
+def test_split_batch_recurrences_match_keras(chains):
+  models = model_lib.build(V, H, 2, T)
+  args = _inputs(2, seed=3, b=6)
+  keras_out = _loss_and_grads(models, False, *args)
+  fused_out = _loss_and_grads(models, True, *args, chains=chains)
+  assert [f.shape for f in fused_out] == [k.shape for k in keras_out]
+  for k, f in zip(keras_out, fused_out):
+    np.testing.assert_allclose(f, k, rtol=1e-5, atol=1e-6)
+
+
+def test_chain_count_divides_the_batch_and_follows_the_cores(monkeypatch):
+  monkeypatch.setattr(fused_lstm.os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+  assert fused_lstm.chains_for(64) == 2  # one per core
+  assert fused_lstm.chains_for(64, 4) == 4  # asked for
+  assert fused_lstm.chains_for(64, 3) == 1  # 3 does not divide 64
+  assert fused_lstm.chains_for(20) == 1  # fewer than 16 rows per chain
+  monkeypatch.setattr(fused_lstm.os, 'sched_getaffinity', lambda pid: set(range(8)))
+  assert fused_lstm.chains_for(64) == 4  # 16 rows each at most
 
 
 def test_one_char_step_matches_keras_and_leaves_the_layers_as_they_were():
