@@ -59,6 +59,7 @@ def base_config():
   c.train.learning_rate = 2e-3  # Adam peak learning rate.
   c.train.lr_schedule = 'cosine'  # 'constant' or 'cosine' decay to 10% over num_steps.
   c.train.warmup_steps = 100  # Linear warm-up steps before the schedule.
+  c.train.weight_decay = 0.0  # AdamW decoupled weight decay on the kernels (biases excluded); 0 is plain Adam.
   c.train.grad_clip_norm = 5.0  # Global-norm gradient clipping; 0 disables it.
   c.train.log_every = 50  # Steps between progress lines and train summaries.
   c.train.eval_every = 500  # Steps between validation passes and printed samples.
@@ -139,6 +140,7 @@ def validate(c):
          f'train.lr_schedule must be one of {SCHEDULES}, got {t.lr_schedule!r}.')
   _check(t.lstm_chains >= 0,
          f'train.lstm_chains must be >= 0 (0: one per CPU core), got {t.lstm_chains}.')
+  _check(t.weight_decay >= 0, f'train.weight_decay must be >= 0, got {t.weight_decay}.')
   _check(t.grad_clip_norm >= 0, 'train.grad_clip_norm must be >= 0 (0 disables).')
   _check(r.strategy in STRATEGIES,
          f'runtime.strategy must be one of {STRATEGIES}, got {r.strategy!r}.')

@@ -46,7 +46,13 @@ class _PreReducedAdam(keras.optimizers.Adam):
 
 
 def make_optimizer(train_cfg, precision='float32'):
-  """Adam with linear warm-up and optional cosine decay to 10%; loss-scaled for float16."""
+  """Adam with linear warm-up and optional cosine decay to 10%; loss-scaled for float16.
+
+  train.weight_decay > 0 makes it AdamW (decoupled decay, w -= lr * wd * w
+  each step, Loshchilov & Hutter) on the kernels only: biases keep their
+  values, as in nanoGPT. It adds no optimizer slots, so checkpoints keep
+  their layout.
+  """
   lr = train_cfg.learning_rate
   decay_steps = max(train_cfg.num_steps - train_cfg.warmup_steps, 1)
   alpha = 0.1 if train_cfg.lr_schedule == 'cosine' else 1.0
@@ -58,7 +64,10 @@ def make_optimizer(train_cfg, precision='float32'):
     sched = keras.optimizers.schedules.CosineDecay(lr, decay_steps, alpha=alpha)
   # The class's snake-cased default name, '__pre_reduced_adam', is no valid root name
   # scope in a nested XLA function (the TPU proxy's replica step).
-  opt = _PreReducedAdam(learning_rate=sched, name='adam')
+  opt = _PreReducedAdam(learning_rate=sched, name='adam',
+                        weight_decay=train_cfg.weight_decay or None)
+  if train_cfg.weight_decay:
+    opt.exclude_from_weight_decay(var_names=['bias'])
   if precision == 'float16':
     opt = keras.optimizers.LossScaleOptimizer(opt)
   return opt, sched
