@@ -14,7 +14,11 @@ the way cuDNN does:
             the loop;
   and each step's gate math (sigmoids, tanhs, products) is one small XLA
   kernel, whatever train.jit_compile says: it is part of this op, as cuDNN's
-  kernels are part of Keras's GPU LSTM.
+  kernels are part of Keras's GPU LSTM;
+  and the batch rows run as `chains` independent recurrences in the same loop
+  (train.lstm_chains; one per CPU core by default), so each core multiplies
+  its own block of rows: at B=64 one (B, H) x (H, 4H) matmul is too small to
+  keep two cores busy.
 
 The matmuls, and so the FLOPs, are the ones the Keras layer does. The values
 agree with Keras's to float32 rounding (tests/fused_lstm_test.py).
