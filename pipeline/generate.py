@@ -320,23 +320,56 @@ def chunk_fn(step, size=CHUNK):
   return chunk
 
 
+SPLIT_ROWS = 32  # batches of at least this many rows run as two XLA launches side by side
+
+
 def xla_extend(chunk, vocab_chars, h, c, logits, num_chars, temperature, top_k, seed, position,
-               top_p=None, size=CHUNK):
+               top_p=None, size=CHUNK, split_rows=SPLIT_ROWS):
   """`extend`'s contract (same arguments after `chunk`, same results), in XLA chunks.
 
   chunk: from `chunk_fn(step, size)`, made once so that its compiled
   programs are reused from call to call.
+  split_rows: a batch of at least this many rows runs each chunk as two
+  launches over its two halves, which TensorFlow's inter-op threads run at
+  once: one XLA program keeps a single core busy with its [B, H] x [H, 4H]
+  products (XLA's CPU loops run on the calling thread), and rows are
+  independent, so each half's characters are the ones the whole batch gives.
+  0 never splits.
   """
   b = tf.shape(h)[0]
   position = tf.cast(position, tf.int64)
   chunks = (num_chars + size - 1) // size
+  per_row = [temperature, top_k, seed]
+
+  def halves_chunk(h, c, logits, n, position):
+    half = b // 2
+    sizes = tf.stack([half, b - half])
+    parts = [tf.split(x, sizes) for x in [h, c, logits, position] + per_row
+             + ([] if top_p is None else [top_p])]
+    outs = []
+    for j in range(2):
+      hj, cj, lj, pj, tj, kj, sj = (p[j] for p in parts[:7])
+      outs.append(chunk(hj, cj, lj, n, tj, kj, sj, pj, None if top_p is None else parts[7][j]))
+    # ensure_shape: the split by a dynamic size loses a static batch size,
+    # which the chunk loop needs to keep.
+    return (tf.concat([outs[0][0], outs[1][0]], 1),) + tuple(
+        tf.ensure_shape(tf.concat([outs[0][i], outs[1][i]], 0), like.shape)
+        for i, like in ((1, h), (2, c), (3, logits)))
+
+  def whole_chunk(h, c, logits, n, position):
+    return chunk(h, c, logits, n, temperature, top_k, seed, position, top_p)
+
   # Slot 0 holds a dummy chunk so that stack() works for num_chars == 0.
   out = tf.TensorArray(tf.int32, size=chunks + 1, element_shape=[size, None])
   out = out.write(0, tf.zeros([size, b], tf.int32))
   for j in tf.range(chunks):
     n = tf.minimum(size, num_chars - j * size)
-    ids, h, c, logits = chunk(h, c, logits, n, temperature, top_k, seed,
-                              position + tf.cast(j * size, tf.int64), top_p)
+    pos = position + tf.cast(j * size, tf.int64)
+    if split_rows:
+      ids, h, c, logits = tf.cond(b >= split_rows, lambda: halves_chunk(h, c, logits, n, pos),
+                                  lambda: whole_chunk(h, c, logits, n, pos))
+    else:
+      ids, h, c, logits = whole_chunk(h, c, logits, n, pos)
     out = out.write(j + 1, ids)
   ids = tf.reshape(out.stack()[1:], [-1, b])[:num_chars]
   ids = tf.reshape(tf.transpose(ids), [b, num_chars])

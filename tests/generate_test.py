@@ -125,6 +125,29 @@ def test_xla_extend_gives_extends_ids_and_state_in_any_chunking():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize('b', [6, 7])  # even and odd halves
+def test_xla_extend_split_into_two_launches_gives_the_whole_batchs_text(b):
+  models = small_models(scale=0.15)
+  v = models.dense.units
+  chars = tf.constant([chr(ord('a') + i) for i in range(v)])
+  rng = np.random.default_rng(b)
+  h = tf.constant(rng.normal(size=(b, 2, 24)) * 0.3, tf.float32)
+  c = tf.constant(rng.normal(size=(b, 2, 24)) * 0.3, tf.float32)
+  logits = tf.constant(rng.normal(size=(b, v)), tf.float32)
+  rows = (tf.constant(rng.uniform(0.5, 1.5, b), tf.float32), tf.constant([0, 3] * 3 + [0])[:b],
+          tf.range(b, dtype=tf.int64) + 11)
+  top_p = tf.constant([1.0, 0.8] * 3 + [1.0])[:b]
+  chunk = generate.chunk_fn(generate.weights_step(models.lstms, models.dense), size=7)
+  run = lambda split_rows: generate.xla_extend(
+      chunk, chars, h, c, logits, tf.constant(23), *rows, tf.zeros([b], tf.int64), top_p,
+      size=7, split_rows=split_rows)
+  split, whole = run(4), run(0)  # b >= 4: two launches of 3 and 3 (or 4) rows
+  np.testing.assert_array_equal(split[0], whole[0])
+  assert split[0].shape == (b, 23) and len(set(split[1].numpy().tolist())) == b
+  for got, want in zip(split[2:], whole[2:]):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_generate_rows_sample_apart_and_ignore_batch_mates():
   models = small_models(scale=0.15)
   v = models.dense.units
