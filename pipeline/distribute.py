@@ -227,3 +227,13 @@ def check_batch(global_batch, strategy, what='data.batch_size'):
     raise StrategyError(
         f'{what}={global_batch} does not divide across {n} replicas. Use a '
         f'multiple of {n}, e.g. --config.{what}={lo} or {lo + n}.')
+
+
+def check_chains(global_batch, chains, strategy):
+  """Raises unless train.lstm_chains (if set) divides each replica's batch."""
+  per_replica = global_batch // strategy.num_replicas_in_sync
+  if chains and per_replica % chains:
+    raise StrategyError(
+        f'train.lstm_chains={chains} does not divide the {per_replica} rows each replica '
+        f'trains on. Use a divisor of {per_replica}, or --config.train.lstm_chains=0 '
+        '(one per CPU core).')

@@ -102,11 +102,15 @@ def chains_for(batch, chains=0):
   busy (one chain ran at 100-106 GFLOP/s at H=256 against a 230 GFLOP/s matmul
   peak here); two half-batch chains in one loop run side by side on the
   inter-op threads (1.6-1.75x at H=256). chains=0 picks one per CPU core up to
-  one per 16 rows; a count that does not divide the batch falls back to 1.
+  one per 16 rows, and 1 where that count does not divide the batch; a count
+  asked for must divide it (pipeline.train checks before tracing).
   """
-  if chains <= 0:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    chains = max(1, min(cores or 1, batch // 16))
+  if chains > 0:
+    if batch % chains:
+      raise ValueError(f'lstm_chains={chains} does not divide the batch of {batch} rows.')
+    return chains
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  chains = max(1, min(cores or 1, batch // 16))
   return chains if batch % chains == 0 else 1
 
 

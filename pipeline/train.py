@@ -307,6 +307,7 @@ def train_and_evaluate(config, workdir, stop_at=None):
   strategy = distribute.make_strategy(config.runtime)
   distribute.check_batch(config.data.batch_size, strategy)
   distribute.check_batch(config.data.eval_batch_size, strategy, 'data.eval_batch_size')
+  distribute.check_chains(config.data.batch_size, cfg_t.lstm_chains, strategy)
 
   worker = distribute.worker(strategy)
   init = _init_source(config, workdir)  # before anything is written: bad input leaves no trace

@@ -151,7 +151,8 @@ def _error_lines(stderr):
     (['--config.data.corpus={tmp}/nope.txt'], ['{tmp}/nope.txt', 'does not exist']),
     (['--config.runtime.strategy=mirrored', '--config.runtime.cpu_devices=3'],
      ['data.batch_size=16', 'does not divide across 3 replicas']),
-], ids=['misspelt-key', 'missing-corpus', 'batch-vs-replicas'])
+    (['--config.train.lstm_chains=3'], ['train.lstm_chains=3', 'does not divide the 16 rows']),
+], ids=['misspelt-key', 'missing-corpus', 'batch-vs-replicas', 'chains-vs-batch'])
 def test_launcher_bad_input_fails_with_one_line(tmp_path, flags, expected):
   workdir = tmp_path / 'work'
   args = [sys.executable, '-m', 'launch.train', '--config=configs/shakespeare.py:smoke',

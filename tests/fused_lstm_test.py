@@ -66,7 +66,11 @@ def test_chain_count_divides_the_batch_and_follows_the_cores(monkeypatch):
   monkeypatch.setattr(fused_lstm.os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
   assert fused_lstm.chains_for(64) == 2  # one per core
   assert fused_lstm.chains_for(64, 4) == 4  # asked for
-  assert fused_lstm.chains_for(64, 3) == 1  # 3 does not divide 64
+  with pytest.raises(ValueError, match='does not divide the batch of 64'):
+    fused_lstm.chains_for(64, 3)  # asked for, and 3 does not divide 64
+  monkeypatch.setattr(fused_lstm.os, 'sched_getaffinity', lambda pid: {0, 1, 2})
+  assert fused_lstm.chains_for(64) == 1  # 3 cores: 3 does not divide 64
+  monkeypatch.setattr(fused_lstm.os, 'sched_getaffinity', lambda pid: {0, 1})
   assert fused_lstm.chains_for(20) == 1  # fewer than 16 rows per chain
   monkeypatch.setattr(fused_lstm.os, 'sched_getaffinity', lambda pid: set(range(8)))
   assert fused_lstm.chains_for(64) == 4  # 16 rows each at most
