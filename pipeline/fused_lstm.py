@@ -246,7 +246,9 @@ def _inner_loop(lstm, input_grad, chains, sequences, initial_state, mask, traini
   outputs, h, c = lstm_sequence(sequences, h, c, cell.kernel.value,
                                 cell.recurrent_kernel.value, cell.bias.value,
                                 input_grad=input_grad,
-                                chains=chains_for(sequences.shape[0] or 1, chains))
+                                # An unknown batch size (no static shape) runs one chain.
+                                chains=chains_for(sequences.shape[0], chains)
+                                if sequences.shape[0] else 1)
   return outputs[:, -1], outputs, [h, c]
 
 
