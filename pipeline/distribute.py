@@ -202,9 +202,13 @@ def cpu_bf16_flags(cpuinfo=None):
   return sorted(flags.intersection(BF16_CPU_FLAGS))
 
 
-def precision_for(precision, strategy):
-  """The precision to train in: bfloat16 falls back to float32, loudly, on a CPU without bf16."""
-  if (precision != 'bfloat16' or has_gpu()
+def precision_for(precision, strategy, fallback=True):
+  """The precision to train in: bfloat16 falls back to float32, loudly, on a CPU without bf16.
+
+  fallback=False keeps bfloat16 anyway (launch.bench's numerics check, which
+  runs it under XLA: bfloat16 operands, float32 products, at float32 speed).
+  """
+  if (not fallback or precision != 'bfloat16' or has_gpu()
       or isinstance(strategy, tf.distribute.TPUStrategy)):
     return precision
   found = cpu_bf16_flags()

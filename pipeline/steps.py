@@ -274,10 +274,11 @@ class Training:
         best_val=self.best_val, h=self.train_state[0], c=self.train_state[1])
 
 
-def setup(config, strategy, vocab_size, use_cudnn='auto'):
+def setup(config, strategy, vocab_size, use_cudnn='auto', bf16_fallback=True):
   """Builds the models, optimizer, carried state and compiled loops of `config`.
 
   use_cudnn: as for model.build (launch.doctor passes True on a GPU).
+  bf16_fallback: as distribute.precision_for's fallback.
 
   Variables are made in `strategy.scope()`, so weights, Adam's slots and the
   carried state are mirrored (or placed on the TPU) as the strategy wants.
@@ -285,7 +286,7 @@ def setup(config, strategy, vocab_size, use_cudnn='auto'):
   """
   d, m, t, r = config.data, config.model, config.train, config.runtime
   keras.utils.set_random_seed(config.seed)
-  precision = distribute.precision_for(r.precision, strategy)
+  precision = distribute.precision_for(r.precision, strategy, bf16_fallback)
   with strategy.scope():
     models = model_lib.build(vocab_size, m.hidden_size, m.num_layers, d.seq_length,
                              precision, dropout=m.dropout, use_cudnn=use_cudnn)

@@ -4,6 +4,8 @@ speed), the memory bench's child process, and flag errors."""
 import json
 import math
 
+from pipeline import distribute
+from pipeline.bench import speed
 from tests.conftest import run
 
 TRAIN = ['a', 'b', 'c', 'd1', 'd2', 'd3', 'a16']
@@ -38,10 +40,14 @@ def test_tiny_bench_prints_every_row_and_writes_json(tmp_path):
     assert rows[key]['gflops'] > 0 and rows[key]['fraction_of_peak'] > 0
   assert rows['b']['vs_b'] == 1.0 and rows['e']['vs_e'] == 1.0 and rows['a']['vs_a'] == 1.0
   assert 'vs_a' in rows['input']
-  # This CPU has bf16 (the bench says so in the label when it has not).
-  assert 'NO bf16' not in rows['a16']['label']
+  # a16 falls back to float32, and says so, exactly where the CPU has no bf16; the
+  # numerics check keeps bfloat16 either way (under XLA where the CPU has none).
+  has_bf16 = distribute.cpu_bf16_flags() != []
+  assert ('NO bf16' in rows['a16']['label']) == (not has_bf16), rows['a16']
+  assert rows['a16']['trained_as'] == ('bfloat16' if has_bf16 else 'float32')
   n = size['numerics']  # at the largest (here the only) size
-  assert (n['steps'], n['precision'], n['trained_as']) == (4, 'bfloat16', 'bfloat16')
+  assert (n['steps'], n['precision']) == (4, 'bfloat16')
+  assert n['trained_as'] == 'bfloat16' + ('' if has_bf16 else ' under XLA (no bf16 on this CPU)')
   assert math.isclose(n['difference'], n['loss'] - n['float32_loss'])
   assert 0 < n['loss'] < 5 and 0 < n['float32_loss'] < 5
   assert 'numerics: 4 steps' in table
@@ -49,6 +55,33 @@ def test_tiny_bench_prints_every_row_and_writes_json(tmp_path):
   # other training and input ones at every size; the numerics one where it ran.
   assert [t['target'][:3] for t in result['targets']] == ['(a)', '(a)', 'inp', 'bf1']
   assert all(isinstance(t['met'], bool) for t in result['targets'])
+
+
+def _size(hidden, a16_vs_a, trained_as, numerics=None):
+  rows = [{'key': k, 'vs_a': 1.0, 'vs_b': 2.0, 'vs_c': 20.0, 'vs_e': 1e5,
+           'fraction_of_peak': 0.9, 'trained_as': 'float32'}
+          for k in ('a', 'input', 'g', 'h')]
+  rows.append({'key': 'a16', 'vs_a': a16_vs_a, 'trained_as': trained_as})
+  size = {'hidden': hidden, 'rows': rows}
+  if numerics:
+    size['numerics'] = numerics
+  return size
+
+
+def test_bf16_targets_are_not_applicable_where_bf16_did_not_run():
+  numerics = {'steps': 300, 'difference': 0.0, 'trained_as': 'float32'}
+  targets = {t['target']: t for t in speed.evaluate_targets(
+      [_size(512, 1.0, 'float32', numerics)])}
+  bf16 = targets['(a16) bf16 >= 1.4 x (a) float32']
+  assert bf16['met'] is None and 'no AVX512-BF16/AMX' in bf16['why']
+  assert targets['bf16 loss @300 steps within 0.02']['met'] is None
+  assert targets['(a) >= 0.75 x matmul peak']['met'] is True  # the others still count
+  # Where bfloat16 did run, the same ratios are judged.
+  numerics['trained_as'] = 'bfloat16'
+  targets = {t['target']: t for t in speed.evaluate_targets(
+      [_size(512, 1.0, 'bfloat16', numerics)])}
+  assert targets['(a16) bf16 >= 1.4 x (a) float32']['met'] is False
+  assert targets['bf16 loss @300 steps within 0.02']['met'] is True
 
 
 def test_bad_flags_are_usage_errors_before_tensorflow_starts():
