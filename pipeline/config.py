@@ -8,6 +8,7 @@ they need. The returned ConfigDict is locked, so a typo such as
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from pipeline import errors
 
@@ -68,7 +69,7 @@ def base_config():
   c.train.sample_length = 200  # Characters printed per sample during training.
   c.train.sample_temperature = 0.8  # Temperature of those samples.
   c.train.sample_prompt = ''  # Prompt of those samples ('' starts from zero state).
-  c.train.jit_compile = False  # XLA on CPU: compile the whole loop (one replica) or forward/backward (several); GPUs ignore it.
+  c.train.jit_compile = config_dict.placeholder(bool)  # XLA on CPU: the whole loop (one replica) or forward/backward (several); None: on for one replica where TensorFlow runs without oneDNN (steps.jit_mode); GPUs ignore it.
   c.train.tpu_proxy = False  # CPU: compile each step exactly as a TPU does (XLA over the whole replica step, Keras's LSTM, bfloat16 inputs fed per step).
   c.train.fused_lstm = True  # CPU: the train step runs each LSTM layer as pipeline.fused_lstm (Keras's math, a 1.2-1.6x faster gradient); False: Keras's own loop.
   c.train.lstm_chains = 0  # fused_lstm: split each batch into N recurrences run side by side on the CPU cores (0: one per core, up to batch/16; same math).

@@ -80,6 +80,35 @@ def input_dtype(strategy, tpu_proxy=False):
   return tf.uint8
 
 
+def onednn_enabled():
+  """Whether TensorFlow runs its CPU matmuls through oneDNN in this process.
+
+  TensorFlow turns oneDNN on by default only on CPUs with AVX512-VNNI, BF16 or
+  AMX (TF_ENABLE_ONEDNN_OPTS overrides); elsewhere (AVX2 CPUs such as AMD
+  EPYC Milan) its MatMul is Eigen's, built without FMA, and XLA's dot is the
+  faster one (see pipeline.bench.cases.peak_case).
+  """
+  try:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+    return bool(_pywrap_util_port.IsMklEnabled())
+  except (ImportError, AttributeError):  # a TensorFlow without the check: assume the default
+    return True
+
+
+def auto_jit(jit_compile, strategy, has_gpu):
+  """train.jit_compile with None (auto) resolved: XLA for one CPU replica without oneDNN.
+
+  Measured with launch.bench (BUILD.md): on an AVX2 CPU without oneDNN, XLA
+  over the whole loop trained at 1.7-2.0x the uncompiled loop (H=256, 512);
+  with oneDNN (Intel, AVX512) the two ran within 4%, and the uncompiled loop
+  keeps oneDNN's matmuls. Several replicas and accelerators stay uncompiled.
+  """
+  if jit_compile is not None:
+    return bool(jit_compile)
+  return (not has_gpu and strategy.num_replicas_in_sync == 1 and not isinstance(
+      strategy, tf.distribute.TPUStrategy) and not onednn_enabled())
+
+
 def jit_mode(jit_compile, strategy, has_gpu, tpu_proxy=False):
   """Picks 'off', 'replica', 'step' or 'loop' for this device and says why."""
   if tpu_proxy:
@@ -91,6 +120,12 @@ def jit_mode(jit_compile, strategy, has_gpu, tpu_proxy=False):
           'Drop train.tpu_proxy, or set --config.runtime.strategy=cpu.')
     logging.info('XLA: the TPU proxy, one compiled replica step per batch, Keras LSTM.')
     return 'replica'
+  if jit_compile is None:
+    jit_compile = auto_jit(jit_compile, strategy, has_gpu)
+    if jit_compile:
+      logging.info('XLA on (train.jit_compile unset): TensorFlow runs without oneDNN on this '
+                   "CPU, where XLA's loop is the faster; --config.train.jit_compile=false "
+                   'turns it off.')
   if not jit_compile:
     return 'off'
   if has_gpu:

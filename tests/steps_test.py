@@ -1,11 +1,15 @@
-"""pipeline.steps' optimizer: Adam, and AdamW's decoupled weight decay."""
+"""pipeline.steps' optimizer (Adam, AdamW's decoupled weight decay) and its XLA choice."""
+
+import types
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from pipeline import config as config_lib
 from pipeline import model as model_lib
 from pipeline import steps as steps_lib
+from tests.conftest import run
 
 
 def _one_zero_gradient_update(weight_decay):
@@ -36,3 +40,30 @@ def test_no_weight_decay_is_plain_adam():
   before, after = _one_zero_gradient_update(0.0)
   for p, w in before.items():
     np.testing.assert_array_equal(after[p], w)
+
+
+def test_unset_jit_compile_means_xla_exactly_where_tensorflow_runs_without_onednn():
+  one = tf.distribute.get_strategy()
+  for env in ('0', '1'):  # TF_ENABLE_ONEDNN_OPTS forces TensorFlow's choice either way
+    out = run(['-c', 'import tensorflow as tf; from pipeline import steps; '
+               's = tf.distribute.get_strategy(); '
+               'print(steps.onednn_enabled(), steps.auto_jit(None, s, False), '
+               'steps.jit_mode(None, s, False))'], env={'TF_ENABLE_ONEDNN_OPTS': env})
+    assert out.stdout.split() == (['False', 'True', 'loop'] if env == '0'
+                                  else ['True', 'False', 'off']), out.stdout
+  for explicit in (True, False):  # a value the user set is kept, whatever the CPU
+    assert steps_lib.auto_jit(explicit, one, False) is explicit
+  assert steps_lib.auto_jit(None, one, True) is False  # GPUs keep cuDNN
+  # Several replicas (auto_jit reads only the count): unmeasured, so left uncompiled.
+  assert steps_lib.auto_jit(None, types.SimpleNamespace(num_replicas_in_sync=2), False) is False
+
+
+def test_jit_compile_takes_true_false_or_unset_from_the_command_line():
+  config = config_lib.base_config()
+  assert config.train.jit_compile is None
+  config_lib.override(config, **{'train.jit_compile': True})
+  assert config.train.jit_compile is True
+  with pytest.raises(TypeError):
+    config_lib.override(config, **{'train.jit_compile': 'sometimes'})
+  saved = config_lib.to_json(config_lib.base_config())
+  assert config_lib.from_dict(saved).train.jit_compile is None  # config.json round trip

@@ -48,6 +48,7 @@ from absl import logging
 from pipeline import config as config_lib
 from pipeline import distribute
 from pipeline import source
+from pipeline import steps as steps_lib
 from pipeline.bench import cases as cases_lib
 
 _LIVE = []  # every case's models and iterators, kept alive (see measure_size)
@@ -76,8 +77,8 @@ def measure_size(config, corpus, strategy, *, rounds, seconds, workdir, numerics
                  log=logging.info):
   """All cases for the model size in `config`, interleaved for `rounds` rounds."""
   s = cases_lib.Setup(config, corpus, strategy)
-  jit, spl, fused = bool(config.train.jit_compile), config.train.steps_per_loop, bool(
-      config.train.fused_lstm)
+  jit = steps_lib.auto_jit(config.train.jit_compile, strategy, distribute.has_gpu())
+  spl, fused = config.train.steps_per_loop, bool(config.train.fused_lstm)
 
   def charlstm(key, label, **changes):
     kw = {'steps_per_loop': spl, 'jit': jit, 'fused': fused, **changes}
