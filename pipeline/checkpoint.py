@@ -16,7 +16,6 @@ import os
 import signal
 
 import tensorflow as tf
-from absl import logging
 
 from pipeline import errors
 from pipeline import storage
@@ -122,7 +121,10 @@ class Preemption:
     if self._signum is not None:  # a second Ctrl-C stops at once
       raise KeyboardInterrupt
     self._signum = signum
-    logging.warning('Signal %d: saving a checkpoint at the end of this loop.', signum)
+    # One unbuffered write, not logging: the handler runs between two bytecodes
+    # of the main thread, which may be inside logging's own write to stderr
+    # ("reentrant call inside BufferedWriter": a traceback in the output).
+    os.write(2, f'Signal {signum}: saving a checkpoint at the end of this loop.\n'.encode())
 
   def _exit(self):
     raise Interrupted(
