@@ -163,7 +163,8 @@ def precision_numerics(s, precision, steps, steps_per_loop=50):
   (bf16 operands, exact products, float32 sums) up to the order of the sums,
   at float32 speed. (TensorFlow's own bf16 MatMul without oneDNN is slower.)
   """
-  emulated = distribute.cpu_bf16_flags() == []  # [] = Linux and none; None = cannot tell
+  # Asked of the one rule training uses, so the two cannot disagree (GPUs, TPUs, unknown CPUs).
+  emulated = distribute.precision_for(precision, s.strategy) != precision
   losses = {}
   for p in ('float32', precision):
     config = config_lib.override(copy.deepcopy(s.config), **{
