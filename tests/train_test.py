@@ -151,6 +151,7 @@ def test_interrupted_launcher_checkpoints_and_the_same_command_resumes(tmp_path)
   # The whole stderr on failure: a rare extra traceback (seen twice under the full suite's
   # load, never alone) must show what raised.
   assert len(lines) == 1 and 'Run the same command to resume' in lines[0], rest
+  assert 'Signal 2: saving a checkpoint at the end of this loop.' in rest  # said at once
   stopped_at = int(re.search(r'at step (\d+)', lines[0]).group(1))
   assert 20 <= stopped_at < 300
   ckpt = tf.train.latest_checkpoint(str(tmp_path / 'checkpoints'))
