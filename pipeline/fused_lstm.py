@@ -154,11 +154,13 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
     xd = md if input_grad else f32  # the input projection's dtype (see input_grad)
     w_x_m, w_h_m = tf.cast(w_x, xd), tf.cast(w_h, md)
     h_init, c_init = tf.cast(h0, f32), tf.cast(c0, f32)
-    x_rows = tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, d])  # time-major rows
-    xz = tf.reshape(tf.cast(tf.matmul(tf.cast(x_rows, xd), w_x_m), f32) + tf.cast(b, f32),
-                    [t_len, -1, 4 * hid])
-    # Chain j owns rows [j B/k, (j+1) B/k); each keeps its own arrays.
-    xz = [tf.TensorArray(f32, size=t_len).unstack(p) for p in tf.split(xz, k, axis=1)]
+    # Chain j owns rows [j B/k, (j+1) B/k); each keeps its own arrays, and its
+    # input projection is its own matmul, so no pass over (T, B, 4H) splits one.
+    x_rows = [tf.reshape(p, [-1, d]) for p in tf.split(tf.transpose(x, [1, 0, 2]), k, axis=1)]
+    b32 = tf.cast(b, f32)
+    xz = [tf.TensorArray(f32, size=t_len).unstack(tf.reshape(
+        tf.cast(tf.matmul(tf.cast(rows, xd), w_x_m), f32) + b32, [t_len, -1, 4 * hid]))
+          for rows in x_rows]
     h0_m = tf.cast(h0, md)
 
     def step(t, hs_m, cs, arrays, unused_h):
@@ -179,7 +181,8 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
         [tf.constant(0), tf.split(h0_m, k), tf.split(c_init, k),
          [new_arrays() for _ in range(k)], h_parts])
     h_t, c_t = tf.concat(h_last, 0), tf.concat(c_last, 0)
-    h_all = tf.concat([hs.stack() for _, hs, _ in arrays], 1)  # (T, B, H), matmul dtype
+    h_stacks = [hs.stack() for _, hs, _ in arrays]  # each (T, B/k, H), matmul dtype
+    h_all = tf.concat(h_stacks, 1)
 
     def grad(d_outputs, d_h_t, d_c_t):
       d_out = [tf.TensorArray(f32, size=t_len).unstack(p) for p in tf.split(
@@ -206,16 +209,20 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
           [t_len - 1, tf.split(dh_last, k), tf.split(dc_last, k), c_last,
            [tf.TensorArray(md, size=t_len) for _ in range(k)]])
       dh0, dc0 = tf.concat(dh0, 0), tf.concat(dc0, 0)
-      # The weight gradients: one matmul each over all T * B rows.
-      dz_m = tf.reshape(tf.concat([a.stack() for a in dzs], 1), [-1, 4 * hid])
-      h_prev = tf.reshape(tf.concat([h0_m[None], h_all[:-1]], 0), [-1, hid])
-      d_w_h = tf.matmul(h_prev, dz_m, transpose_a=True)
-      d_w_x = tf.matmul(x_rows, dz_m, transpose_a=True)
-      d_b = tf.reduce_sum(tf.cast(dz_m, f32), 0)
+      # The weight gradients: one matmul each over each chain's T * B/k rows.
+      dz_rows = [tf.reshape(a.stack(), [-1, 4 * hid]) for a in dzs]
+      h_prev = [tf.reshape(tf.concat([h[None], hs[:-1]], 0), [-1, hid])
+                for h, hs in zip(tf.split(h0_m, k), h_stacks)]
+
+      def summed(products):  # over the chains, in float32
+        return tf.add_n([tf.cast(p, f32) for p in products])
+      d_w_h = summed(tf.matmul(h, dz, transpose_a=True) for h, dz in zip(h_prev, dz_rows))
+      d_w_x = summed(tf.matmul(r, dz, transpose_a=True) for r, dz in zip(x_rows, dz_rows))
+      d_b = summed(tf.reduce_sum(tf.cast(dz, f32), 0) for dz in dz_rows)
       dx = None
       if input_grad:
-        dx = tf.transpose(tf.reshape(tf.matmul(dz_m, w_x_m, transpose_b=True),
-                                     [t_len, -1, d]), [1, 0, 2])
+        dx = tf.transpose(tf.concat([tf.reshape(tf.matmul(dz, w_x_m, transpose_b=True),
+                                                [t_len, -1, d]) for dz in dz_rows], 1), [1, 0, 2])
       return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), tf.cast(d_w_x, w_x.dtype),
               tf.cast(d_w_h, w_h.dtype), tf.cast(d_b, b.dtype))
 
