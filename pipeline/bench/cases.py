@@ -20,6 +20,7 @@ from pipeline import config as config_lib
 from pipeline import data as data_lib
 from pipeline import distribute
 from pipeline import export as export_lib
+from pipeline import fused_lstm
 from pipeline import model as model_lib
 from pipeline import steps as steps_lib
 
@@ -288,6 +289,59 @@ def peak_case(size=MATMUL_SIZE):
     return min(seconds)
   return Case('peak', f'float32 matmul {size}x{size}, best of TF and XLA', 'peak', run,
               2 * size ** 3)
+
+
+def matmul_case(s):
+  """Case m: the matmuls of one of a's train steps and nothing else: a's ceiling.
+
+  The same shapes, float32, chain split and loop as the fused LSTM (the
+  recurrences still run one step after another, each chain its own matmul
+  per step), without the gate math, the loss, the optimizer or the data: a
+  slice (forward) or a concat (backward) stands in for each step's gates, as
+  the cheapest op that makes step t+1 wait for step t. Its FLOPs are
+  flops_per_char's, so its share of the peak is the most that (a) could reach
+  with every other op free.
+  """
+  b, t, hid, v = s.b, s.t, s.hidden, s.vocab
+  k = fused_lstm.chains_for(b, s.config.train.lstm_chains)
+  rand = lambda *shape: tf.random.stateless_normal(shape, seed=[5, len(shape)]) * 0.05
+  x_rows, h0 = rand(t * b, v), tf.zeros([b // k, hid])
+  h_rows, dz_rows = rand(t * b, hid), rand(t * b, 4 * hid)  # all T*B rows' h and dL/dz
+  weights = [(rand(d, 4 * hid), rand(hid, 4 * hid)) for d in [v] + [hid] * (s.layers - 1)]
+  w_out = rand(hid, v)
+
+  @tf.function
+  def step():
+    kept, inputs = [], x_rows  # kept: one element of each product, so none is pruned
+    for layer, (w_x, w_h) in enumerate(weights):
+      xz = tf.matmul(inputs, w_x)
+      _, hs = tf.while_loop(lambda i, _: i < t, lambda i, hs: (
+          i + 1, [tf.matmul(h, w_h)[:, :hid] for h in hs]), [0, [h0] * k])
+      w_h_t = tf.transpose(w_h)
+      _, dzs = tf.while_loop(lambda i, _: i < t, lambda i, dzs: (i + 1, [
+          tf.concat([tf.matmul(dz, w_h_t), dz[:, hid:]], 1) for dz in dzs]),
+                             [0, [xz[:b // k]] * k])
+      kept += [xz] + hs + dzs  # every chain's, or grappler prunes the unused ones
+      with tf.control_dependencies(dzs):  # as in the op: after the backward loop
+        kept += [tf.matmul(h_rows, dz_rows, transpose_a=True),
+                 tf.matmul(inputs, dz_rows, transpose_a=True)]
+        if layer:
+          kept.append(tf.matmul(dz_rows, w_x, transpose_b=True))
+      inputs = h_rows
+    logits = tf.matmul(inputs, w_out)
+    kept += [logits, tf.matmul(inputs, logits, transpose_a=True),
+             tf.matmul(logits, w_out, transpose_b=True)]
+    return tf.add_n([p[0, 0] for p in kept])
+
+  def run(steps):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      step().numpy()
+    return time.perf_counter() - t0
+  case = Case('m', "a's matmuls alone (no gates, loss, optimizer): a's ceiling", 'train', run,
+              b * t)
+  case.step = step  # its graph is the test's evidence of which matmuls it runs
+  return case
 
 
 def sampling_cases(s, models, export_dir):
