@@ -27,7 +27,9 @@ bfloat16 (runtime.precision=bfloat16, Keras's mixed_bfloat16 layers) runs the
 same matmuls on bfloat16 operands, which oneDNN multiplies with AMX or
 AVX512-BF16 where the CPU has them (2-3x float32's rate at these shapes on
 this project's machine), while the gate math and the cell state stay float32:
-more precise than Keras's own bfloat16 loop, which keeps c in bfloat16.
+more precise than Keras's own bfloat16 loop, which keeps c in bfloat16. The
+first layer's input projection stays float32 too (see lstm_sequence's
+input_grad).
 
 `swap_in(models.lstms)` makes the Keras LSTM layers use it while the train
 step (or the exported sampler) is traced: the Keras functional graph stays the one definition of
@@ -120,8 +122,9 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
 
   Args:
     x: (B, T, D) inputs, float32 or bfloat16. Their dtype is the matmuls'
-      dtype: bfloat16 runs every matmul, forward and backward, in bfloat16
-      (oneDNN's AMX or AVX512-BF16 kernels, float32 accumulation); the gate
+      dtype: bfloat16 runs the matmuls, forward and backward, in bfloat16
+      (oneDNN's AMX or AVX512-BF16 kernels, float32 accumulation), but for
+      the first layer's input projection (input_grad=False); the gate
       math, the cell state c and the weight gradients stay float32, so
       bfloat16 rounds only the matmul operands.
     h0, c0: (B, H) initial state.
