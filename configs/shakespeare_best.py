@@ -7,10 +7,11 @@ Run:
   python -m launch.train --config=configs/shakespeare_best.py --workdir=/tmp/best
   python -m launch.evaluate --workdir=/tmp/best   # carried vs zero-state val loss
 
-Measured (BUILD.md, "Quality"; 2026-12-02): 26.5 min on 2 cores, validation
-1.4438 nats/char with carried state (8 streams) over all 111,538 predicted
-characters (1.4433 as one stream, 1.4471 as 64), 1.5095 from zero state per
-100-char window.
+Measured (BUILD.md, "Quality"; 2026-12-02): on an Intel host with AMX, 26.5
+min on 2 cores, validation 1.4438 nats/char with carried state (8 streams)
+over all 111,538 predicted characters, 1.5095 from zero state per 100-char
+window; on an AMD EPYC with AVX512-BF16, 31.3 min, 1.4404 carried (1.4481
+at step 2500, 22.8 min), 1.5040 zero-state.
 """
 
 from pipeline import config as config_lib
