@@ -259,18 +259,21 @@ def _inner_loop(lstm, input_grad, chains, sequences, initial_state, mask, traini
     raise ValueError('fused_lstm does not take masks; the train step has none.')
   cell = lstm.cell
   h, c = initial_state
+  kernel, recurrent_kernel, bias = map(_stored_value, (
+      cell.kernel, cell.recurrent_kernel, cell.bias))
   if sequences.shape[1] == 1:
     # One char (sampling): no loop, and plain TensorFlow ops, so that a
-    # SavedModel holds no XLA kernel (TF Serving builds may lack XLA).
+    # SavedModel holds no XLA kernel (TF Serving builds may lack XLA). The
+    # dtypes follow lstm_sequence's (the first layer's projection in float32).
     md = sequences.dtype
-    z = (tf.cast(tf.matmul(sequences[:, 0], tf.cast(cell.kernel.value, md)), tf.float32)
-         + tf.cast(tf.matmul(tf.cast(h, md), tf.cast(cell.recurrent_kernel.value, md)),
-                   tf.float32) + tf.cast(cell.bias.value, tf.float32))
+    xd = md if input_grad else tf.float32
+    z = (tf.cast(tf.matmul(tf.cast(sequences[:, 0], xd), tf.cast(kernel, xd)), tf.float32)
+         + tf.cast(tf.matmul(tf.cast(h, md), tf.cast(recurrent_kernel, md)), tf.float32)
+         + bias)
     h, c = lstm_cell(z, tf.cast(c, tf.float32))
     out = tf.cast(h, md)
     return out, out[:, None], [h, c]
-  outputs, h, c = lstm_sequence(sequences, h, c, *map(_stored_value, (
-                                    cell.kernel, cell.recurrent_kernel, cell.bias)),
+  outputs, h, c = lstm_sequence(sequences, h, c, kernel, recurrent_kernel, bias,
                                 input_grad=input_grad,
                                 # An unknown batch size (no static shape) runs one chain.
                                 chains=chains_for(sequences.shape[0], chains)
