@@ -338,8 +338,7 @@ def matmul_case(s):
     for _ in range(steps):
       step().numpy()
     return time.perf_counter() - t0
-  case = Case('m', "a's matmuls alone (no gates, loss, optimizer): a's ceiling", 'train', run,
-              b * t)
+  case = Case('m', "a's matmuls only: no gates, loss, optimizer", 'train', run, b * t)
   case.step = step  # its graph is the test's evidence of which matmuls it runs
   return case
 

@@ -99,12 +99,11 @@ def measure_size(config, corpus, strategy, *, rounds, seconds, workdir, numerics
       charlstm('d2', f'a with XLA {"off" if jit else "on"}', jit=not jit),
       charlstm('d3', 'a with ' + ("Keras's LSTM loop (fused_lstm=False)" if fused
                                   else 'fused_lstm=True'), fused=not fused),
-      charlstm('a16', 'a in bfloat16 (bfloat16 matmuls)', precision='bfloat16'),
+      (a16 := charlstm('a16', 'a in bfloat16 (bfloat16 matmuls)', precision='bfloat16')),
       cases_lib.matmul_case(s),
   ]
   for case in train_cases:
     case.trained_as = case.models.lstms[0].compute_dtype if hasattr(case, 'models') else 'float32'
-  a16 = train_cases[-2]
   if a16.trained_as != 'bfloat16':  # the fallback warned
     a16.label = 'a in bfloat16: NO bf16 on this CPU, ran float32'
   for case in train_cases[1:]:
