@@ -79,8 +79,8 @@ def _matmul_flops(graph, trips, loop_trips):
   return total
 
 
-@pytest.mark.parametrize('layers,chains', [(1, 2), (2, 4)])
-def test_matmul_ceiling_does_exactly_the_matmuls_flops_per_char_counts(layers, chains):
+@pytest.mark.parametrize('layers,chains,jit', [(1, 2, False), (2, 4, True)])
+def test_matmul_ceiling_does_exactly_the_matmuls_flops_per_char_counts(layers, chains, jit):
   # Case m's share of the peak is the ceiling printed beside (a)'s: it must do the
   # train step's matmuls, no fewer (a ceiling too high) and no more (too low).
   config = config_lib.override(configs_lib.get_config('smoke'), **{
@@ -88,11 +88,12 @@ def test_matmul_ceiling_does_exactly_the_matmuls_flops_per_char_counts(layers, c
       'data.seq_length': 6, 'train.lstm_chains': chains})
   corpus = types.SimpleNamespace(vocab=types.SimpleNamespace(size=11), train='x' * 1000)
   s = cases.Setup(config, corpus, tf.distribute.get_strategy())
-  case = cases.matmul_case(s)
+  case = cases.matmul_case(s, jit=jit)
   graph = case.step.get_concrete_function().graph
   per_step = cases.flops_per_char(11, 32, layers) * 8 * 6
   assert _matmul_flops(graph, 1, 6) == per_step
   assert case.run(1) > 0 and case.chars_per_unit == 8 * 6
+  assert ('XLA' in case.label) == jit  # compiled as (a) is where (a)'s loop runs in XLA
 
 
 def _size(hidden, a16_vs_a, trained_as, numerics=None):

@@ -291,7 +291,7 @@ def peak_case(size=MATMUL_SIZE):
               2 * size ** 3)
 
 
-def matmul_case(s):
+def matmul_case(s, jit=False):
   """Case m: the matmuls of one of a's train steps and nothing else: a's ceiling.
 
   The same shapes, float32, chain split and loop as the fused LSTM (the
@@ -300,7 +300,9 @@ def matmul_case(s):
   slice (forward) or a concat (backward) stands in for each step's gates, as
   the cheapest op that makes step t+1 wait for step t. Its FLOPs are
   flops_per_char's, so its share of the peak is the most that (a) could reach
-  with every other op free.
+  with every other op free. jit: compile it with XLA, as (a) is where its
+  loop runs under XLA (without oneDNN TensorFlow's MatMul runs these shapes at
+  under half XLA's rate, so an uncompiled m would set the ceiling too low).
   """
   b, t, hid, v = s.b, s.t, s.hidden, s.vocab
   k = fused_lstm.chains_for(b, s.config.train.lstm_chains)
@@ -310,7 +312,7 @@ def matmul_case(s):
   weights = [(rand(d, 4 * hid), rand(hid, 4 * hid)) for d in [v] + [hid] * (s.layers - 1)]
   w_out = rand(hid, v)
 
-  @tf.function
+  @tf.function(jit_compile=jit)
   def step():
     kept, inputs = [], x_rows  # kept: one element of each product, so none is pruned
     for layer, (w_x, w_h) in enumerate(weights):
@@ -338,7 +340,8 @@ def matmul_case(s):
     for _ in range(steps):
       step().numpy()
     return time.perf_counter() - t0
-  case = Case('m', "a's matmuls only: no gates, loss, optimizer", 'train', run, b * t)
+  case = Case('m', "a's matmuls only: no gates, loss, optimizer" + (', XLA' if jit else ''),
+              'train', run, b * t)
   case.step = step  # its graph is the test's evidence of which matmuls it runs
   return case
 

@@ -100,7 +100,7 @@ def measure_size(config, corpus, strategy, *, rounds, seconds, workdir, numerics
       charlstm('d3', 'a with ' + ("Keras's LSTM loop (fused_lstm=False)" if fused
                                   else 'fused_lstm=True'), fused=not fused),
       (a16 := charlstm('a16', 'a in bfloat16 (bfloat16 matmuls)', precision='bfloat16')),
-      cases_lib.matmul_case(s),
+      cases_lib.matmul_case(s, jit=a.xla_loop),
   ]
   for case in train_cases:
     case.trained_as = case.models.lstms[0].compute_dtype if hasattr(case, 'models') else 'float32'
