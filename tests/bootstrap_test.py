@@ -1,17 +1,22 @@
-"""The venv bootstrap and launch.test's --tf: venv names, stamps, pins, test selection.
+"""The venv bootstrap and launch.test: venv names, stamps, pins, test selection, and
+conftest.built_once, which launch.test's xdist workers share fixtures through.
 
 No real venv or pip: a venv here is a directory whose bin/python is a shell
-script that records its arguments, so these tests take milliseconds.
+script that records its arguments, so these tests take milliseconds (built_once's
+starts four real processes without TensorFlow).
 """
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
 import pipeline
 from launch import test as launch_test
 from pipeline.cloud import bootstrap
+from tests.conftest import CHILD_ENV, ROOT
 
 
 @pytest.fixture
@@ -134,8 +139,8 @@ def test_main_picks_venv_and_tests(argv, venv_suffix, targets, monkeypatch, tmp_
   want = launch_test.tf_test_files() if targets is None else targets
   rest = [a for a in argv if not a.startswith('--tf')]
   if want:  # whole files: in pytest-xdist workers
-    assert args[:2] == ['-n', str(max(2, min(4, os.cpu_count() or 2)))]
-    args = args[2:]
+    assert args[:3] == ['-n', str(max(2, min(4, os.cpu_count() or 2))), '--dist=loadgroup']
+    args = args[3:]
   assert args == want + ['-q'] + rest
 
 
@@ -147,3 +152,36 @@ def test_an_explicit_worker_count_is_kept(monkeypatch, tmp_path):
                       lambda module, args, venv=None: execs.append(args))
   launch_test.main(['-n', '0'])
   assert execs == [['tests', '-q', '-n', '0']]
+
+
+BUILD_ONCE = r"""
+import pathlib, sys, types
+from tests import conftest
+worker, run_dir = sys.argv[1], pathlib.Path(sys.argv[2])
+base = run_dir / f'popen-{worker}'
+base.mkdir(exist_ok=True)
+factory = types.SimpleNamespace(getbasetemp=lambda: base)
+def build(path):
+  with open(run_dir / 'builds.log', 'a') as log:
+    log.write(worker + '\n')
+  sum(range(3_000_000))  # a build that takes a while: the others ask meanwhile
+  (path / 'model').write_text('built by ' + worker)
+sys.stdin.readline()  # all four started: ask at once
+print(conftest.built_once(factory, 'shared', build))
+"""
+
+
+def test_built_once_builds_once_for_all_xdist_workers(tmp_path):
+  # Four worker processes ask for the same fixture at once: one builds, all get its path.
+  procs = [subprocess.Popen([sys.executable, '-c', BUILD_ONCE, f'gw{i}', str(tmp_path)],
+                            cwd=ROOT, env={**CHILD_ENV, 'PYTEST_XDIST_WORKER': f'gw{i}'},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+           for i in range(4)]
+  for p in procs:
+    p.stdin.write('go\n')
+    p.stdin.flush()
+  paths = {p.communicate(timeout=60)[0].strip() for p in procs}
+  assert all(p.returncode == 0 for p in procs)
+  assert paths == {str(tmp_path / 'shared')}
+  builders = (tmp_path / 'builds.log').read_text().split()
+  assert len(builders) == 1 and (tmp_path / 'shared' / 'model').read_text() == f'built by {builders[0]}'

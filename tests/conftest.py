@@ -1,7 +1,9 @@
 """Shared fixtures: the repo root, a subprocess runner and one trained smoke run."""
 
+import fcntl
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -27,9 +29,32 @@ def error_lines(stderr):
           if l.startswith(('charlstm: error', 'FATAL', 'Traceback'))]
 
 
+def built_once(tmp_path_factory, name, build):
+  """<session temp>/name, made by build(path) once for the whole run, xdist workers included.
+
+  launch.test runs pytest-xdist workers, each with its own session and basetemp
+  (<run>/popen-gwN); a session fixture alone would train the same model once
+  per worker. The first worker to ask builds it under an exclusive lock on a
+  file beside it (the others block on the lock, not on a timer), then marks it
+  done; the tests only read what is built. A build that failed leaves no mark,
+  so the next asker builds it again and fails the same way.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # the run's directory, shared by its workers
+  path, done = root / name, root / f'{name}.done'
+  with open(root / f'{name}.lock', 'w', encoding='utf-8') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      path.mkdir()
+      build(path)
+      done.touch()
+  return path
+
+
 @pytest.fixture(scope='session')
 def smoke_run(tmp_path_factory):
   """A workdir trained with the smoke config by `python -m launch.train`, as a user runs it."""
-  workdir = tmp_path_factory.mktemp('smoke')
-  run(['-m', 'launch.train', '--config=configs/shakespeare.py:smoke', f'--workdir={workdir}'])
-  return workdir
+  return built_once(tmp_path_factory, 'smoke', lambda workdir: run(
+      ['-m', 'launch.train', '--config=configs/shakespeare.py:smoke', f'--workdir={workdir}']))

@@ -23,7 +23,11 @@ from pipeline import sample
 from pipeline.cloud import gcs as gcs_lib
 from pipeline.serve import engine
 from tests import gcs_emulator
-from tests.conftest import CHILD_ENV, ROOT, error_lines, run
+from tests.conftest import CHILD_ENV, ROOT, built_once, error_lines, run
+
+# launch.test runs xdist workers with --dist=loadgroup: this module's tests go to
+# one worker, so its module-scoped fixtures (trained runs, servers) run once.
+pytestmark = pytest.mark.xdist_group('serve')
 
 H = 256
 MAX_CHARS = 1000
@@ -31,20 +35,13 @@ MAX_PROMPT_CHARS = 100
 
 
 def shared_export(tmp_path_factory):
-  """The session's H=256 export, trained once (also used by serve_browser_test.py).
-
-  Cached on disk under the session's base temp directory rather than in a
-  module global: pytest imports this file as `serve_test` and the browser
-  test imports it as `tests.serve_test`, two module objects.
-  """
-  workdir = tmp_path_factory.getbasetemp() / 'serve-h256'
-  export = workdir / 'export'
-  if not (export / 'saved_model.pb').exists():
-    run(['-m', 'launch.train', '--config=configs/shakespeare.py:smoke', f'--workdir={workdir}',
-         f'--config.model.hidden_size={H}', '--config.train.num_steps=60',
-         '--config.train.steps_per_loop=20', '--config.train.eval_every=60',
-         '--config.train.checkpoint_every=60', '--config.train.log_every=20'])
-  return export
+  """The run's H=256 export, trained once (also used by serve_browser_test.py and
+  decoding_test.py, and by every xdist worker: conftest.built_once)."""
+  return built_once(tmp_path_factory, 'serve-h256', lambda workdir: run(
+      ['-m', 'launch.train', '--config=configs/shakespeare.py:smoke', f'--workdir={workdir}',
+       f'--config.model.hidden_size={H}', '--config.train.num_steps=60',
+       '--config.train.steps_per_loop=20', '--config.train.eval_every=60',
+       '--config.train.checkpoint_every=60', '--config.train.log_every=20'])) / 'export'
 
 
 def free_port():
