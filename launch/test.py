@@ -4,7 +4,7 @@ r"""README command 2: run the test suite in the project venv.
 
 Runs with the bare system python3 of a fresh clone: it creates and fills
 ./.venv on first use (pipeline/cloud/bootstrap.py), then replaces itself with
-  python -m pytest -n 2 --dist=loadgroup tests -q [pytest args]   (-n: pytest-xdist workers)
+  python -m pytest -n 2 tests -q [pytest args]   (-n: pytest-xdist workers)
 in the venv, so the exit status is pytest's (5 means no tests were collected).
 Arguments naming test files or node ids replace `tests`, e.g.
   python3 -m launch.test tests/train_test.py::test_resume_is_bit_exact -x
@@ -92,9 +92,10 @@ def main(argv=None):
   if targets and not any(a == '-n' or a.startswith(('-n=', '--numprocesses')) for a in args):
     # Two pytest-xdist workers (more on bigger machines): TensorFlow leaves a
     # core idle in much of the suite (subprocess start-up, tracing, servers).
-    # loadgroup: a module marked xdist_group runs on one worker, so its module
-    # fixtures (a trained run, a server) are not built once per worker.
-    targets = ['-n', str(max(2, min(4, os.cpu_count() or 2))), '--dist=loadgroup'] + targets
+    # (No --dist=loadgroup: with pytest 9.2 and xdist 3.8 its xdist_group marks
+    # do not group, since xdist renames item._nodeid, which pytest 9.2 no longer
+    # reads. Fixtures the workers share go through tests/conftest.built_once.)
+    targets = ['-n', str(max(2, min(4, os.cpu_count() or 2)))] + targets
   bootstrap.exec_module('pytest', targets + ['-q'] + args, venv=venv)
 
 

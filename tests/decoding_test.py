@@ -9,10 +9,6 @@ from pipeline import sample
 from tests.conftest import error_lines, run
 from tests.serve_test import Server, post, shared_export, stream
 
-# launch.test runs xdist workers with --dist=loadgroup: this module's tests go to
-# one worker, so its module-scoped fixtures (trained runs, servers) run once.
-pytestmark = pytest.mark.xdist_group('decoding')
-
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):

@@ -14,10 +14,6 @@ from pipeline import train
 from pipeline import workdir as workdir_lib
 from tests.conftest import error_lines, run
 
-# launch.test runs xdist workers with --dist=loadgroup: this module's tests go to
-# one worker, so its module-scoped fixtures (trained runs, servers) run once.
-pytestmark = pytest.mark.xdist_group('finetune')
-
 QUIJOTE = config_lib.bundled('quijote.txt.gz')
 STEPS = 100  # fine-tuning vs from scratch
 

@@ -20,10 +20,6 @@ from pipeline import config as config_lib
 from pipeline import train
 from tests.conftest import CHILD_ENV, ROOT
 
-# launch.test runs xdist workers with --dist=loadgroup: this module's tests go to
-# one worker, so its module-scoped fixtures (trained runs, servers) run once.
-pytestmark = pytest.mark.xdist_group('multiworker')
-
 STEPS = 40
 FLAGS = ['--config=configs/shakespeare.py:smoke', f'--config.train.num_steps={STEPS}',
          '--config.train.steps_per_loop=10', '--config.train.log_every=10',

@@ -24,10 +24,6 @@ from pipeline import generate as generate_lib
 from pipeline import workdir as workdir_lib
 from tests.conftest import CHILD_ENV, ROOT
 
-# launch.test runs xdist workers with --dist=loadgroup: this module's tests go to
-# one worker, so its module-scoped fixtures (trained runs, servers) run once.
-pytestmark = pytest.mark.xdist_group('portability')
-
 PRECISIONS = ('float16', 'bfloat16')
 PROMPT = 'ROMEO:'
 N = 120

@@ -20,10 +20,6 @@ from playwright.sync_api import sync_playwright
 from pipeline.cloud import bootstrap
 from tests.serve_test import Server, shared_export
 
-# launch.test runs xdist workers with --dist=loadgroup: this module's tests go to
-# one worker, so its module-scoped fixtures (trained runs, servers) run once.
-pytestmark = pytest.mark.xdist_group('serve_browser')
-
 # Without the background-networking flags, Chromium's own connections (updates,
 # field trials, QUIC probes) are refused on a closed network and the page's
 # requests can stall behind them.

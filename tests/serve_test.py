@@ -25,10 +25,6 @@ from pipeline.serve import engine
 from tests import gcs_emulator
 from tests.conftest import CHILD_ENV, ROOT, built_once, error_lines, run
 
-# launch.test runs xdist workers with --dist=loadgroup: this module's tests go to
-# one worker, so its module-scoped fixtures (trained runs, servers) run once.
-pytestmark = pytest.mark.xdist_group('serve')
-
 H = 256
 MAX_CHARS = 1000
 MAX_PROMPT_CHARS = 100

@@ -15,10 +15,6 @@ from pipeline import corpus as corpus_lib
 from pipeline import source
 from pipeline import text as text_lib
 
-# launch.test runs xdist workers with --dist=loadgroup: this module's tests go to
-# one worker, so its module-scoped fixtures (trained runs, servers) run once.
-pytestmark = pytest.mark.xdist_group('tfds')
-
 tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
 
