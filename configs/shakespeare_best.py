@@ -37,7 +37,7 @@ def get_config():
   c.train.weight_decay = 0.1  # AdamW on the kernels (nanoGPT uses 0.1): dropout 0.4 alone overfit after ~3000 steps.
   c.train.grad_clip_norm = 5.0  # Guards against LSTM gradient spikes.
   c.train.log_every = 250  # A progress line every ~2 min.
-  c.train.eval_every = 500  # Validation curve for loss.png; ~6 s each.
+  c.train.eval_every = 500  # Validation curve for loss.svg; ~6 s each.
   c.train.checkpoint_every = 500  # Resume loses at most ~4 min.
   c.train.sample_length = 300  # Long enough to judge the text.
   c.runtime.precision = 'bfloat16'  # The fused LSTM's AMX/AVX512-BF16 matmuls; float32 (with a warning) on CPUs without.

@@ -82,7 +82,7 @@ def main(argv=None):
   tensorboard = os.path.join(os.path.dirname(bootstrap.venv_python()), 'tensorboard')
   bootstrap.say(
       f'done in {time.perf_counter() - t0:.0f}s (training {train_seconds:.0f}s). '
-      f'Loss curve: {os.path.join(workdir, "loss.png")}; '
+      f'Loss curve: {os.path.join(workdir, "loss.svg")}; '
       f'TensorBoard: {tensorboard} --logdir {os.path.join(workdir, "tb")}')
   return 0
 

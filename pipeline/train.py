@@ -3,14 +3,13 @@
 `train.steps_per_loop` steps run inside one tf.function call, each through
 `strategy.run` with a GradientTape (pipeline.steps); the host only wakes up at
 loop boundaries to log (progress lines, TensorBoard, history.json and
-loss.png), evaluate, checkpoint and check the loss is finite.
+loss.svg), evaluate, checkpoint and check the loss is finite.
 Loop boundaries fall on every multiple of log_every / eval_every /
 checkpoint_every, so the schedule is `step % every == 0 or is_last_step`
 whatever steps_per_loop is.
 """
 
 import hashlib
-import io
 import math
 import time
 import unicodedata
@@ -25,6 +24,7 @@ from pipeline import distribute
 from pipeline import errors
 from pipeline import export as export_lib
 from pipeline import generate as generate_lib
+from pipeline import plot
 from pipeline import source
 from pipeline import steps as steps_lib
 from pipeline import storage
@@ -150,7 +150,7 @@ def fmt_duration(seconds):
 
 
 class _Reporter:
-  """Collects metrics; writes summaries, history.json and loss.png in the workdir."""
+  """Collects metrics; writes summaries, history.json and loss.svg in the workdir."""
 
   def __init__(self, workdir, num_steps, write=True):
     self.workdir = workdir
@@ -196,24 +196,9 @@ class _Reporter:
     self.plot()
 
   def plot(self):
-    """Draws train and validation loss like the seed's aux.plot, as loss.png."""
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use('Agg')
-    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for name, style in (('train', '-'), ('val', 'o-')):
-      pts = self.history[name]
-      if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f'{name} loss')
-    ax.set_xlabel('step')
-    ax.set_ylabel('loss (nats per char)')
-    ax.grid(alpha=0.3)
-    if self.history['train'] or self.history['val']:
-      ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', bbox_inches='tight')
-    plt.close(fig)
-    storage.write_bytes_atomic(storage.join(self.workdir, workdir_lib.PLOT_FILE), buf.getvalue())
+    """Draws train and validation loss like the seed's aux.plot, as loss.svg."""
+    storage.write_bytes_atomic(storage.join(self.workdir, workdir_lib.PLOT_FILE),
+                               plot.loss_svg(self.history).encode('utf-8'))
 
 
 class _Loop:

@@ -5,7 +5,7 @@
   <workdir>/checkpoints/    periodic checkpoints (and a copy of vocab.json)
   <workdir>/best/           the best-by-validation checkpoint (and vocab.json)
   <workdir>/export/         the SavedModel written when training ends
-  <workdir>/history.json    losses by step; loss.png plots them
+  <workdir>/history.json    losses by step; loss.svg plots them
   <workdir>/tb/             TensorBoard summaries
   <workdir>/init_from.json  a fine-tuning run's source (train.init_from), resolved
 
@@ -32,7 +32,7 @@ CKPT_DIR = 'checkpoints'
 BEST_DIR = 'best'
 EXPORT_DIR = 'export'
 HISTORY_FILE = 'history.json'
-PLOT_FILE = 'loss.png'
+PLOT_FILE = 'loss.svg'
 TB_DIR = 'tb'
 
 # Keys a resumed run must share with the checkpoint it resumes: they fix the

@@ -102,7 +102,7 @@ def test_list_runs_and_download_run(gcs, tmp_path):
                      'runs/r1/checkpoints/ckpt-5.index': b'idx',
                      'runs/r1/checkpoints/': b'',  # a directory placeholder, as TF writes
                      'runs/r2/config.json': b'{}',
-                     'runs/notarun/loss.png': b'png',
+                     'runs/notarun/loss.svg': b'<svg/>',
                      'runs/r3/nested/config.json': b'{}'}.items():
     bucket.blob(name).upload_from_string(data)
   assert gcs_lib.list_runs(f'gs://{BUCKET}/runs') == [f'gs://{BUCKET}/runs/r1',
@@ -222,7 +222,7 @@ def test_train_export_sample_with_gs_workdir_and_corpus(gcs, tmp_path):
                 '--config.data.val_fraction=0.002'])
   run = 'trained/smoke/'
   names = set(_names(run))
-  for needed in ('config.json', 'vocab.json', 'history.json', 'loss.png',
+  for needed in ('config.json', 'vocab.json', 'history.json', 'loss.svg',
                  'checkpoints/checkpoint', 'checkpoints/ckpt-10.index',
                  'checkpoints/ckpt-20.index', 'checkpoints/vocab.json',
                  'best/checkpoint', 'export/saved_model.pb', 'export/assets/vocab.json',

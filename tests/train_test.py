@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ import tensorflow as tf
 from pipeline import config as config_lib
 from pipeline import train
 from tests.conftest import CHILD_ENV, ROOT, error_lines, run
+
+SVG = '{http://www.w3.org/2000/svg}'
 
 
 def smoke(**overrides):
@@ -51,7 +54,12 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     assert (smoke_run / d / 'vocab.json').read_text() == (smoke_run / 'vocab.json').read_text()
   assert list((smoke_run / 'tb' / 'train').glob('events.out.tfevents.*'))
   assert list((smoke_run / 'tb' / 'eval').glob('events.out.tfevents.*'))
-  assert (smoke_run / 'loss.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # The plot draws history.json: one polyline vertex per logged train and val loss.
+  history = json.loads((smoke_run / 'history.json').read_text())
+  svg = ElementTree.parse(smoke_run / 'loss.svg').getroot()
+  lines = {p.get('class'): p.get('points').split() for p in svg.iter(SVG + 'polyline')}
+  assert {k: len(v) for k, v in lines.items()} == {
+      'train': len(history['train']), 'val': len(history['val'])} == {'train': 3, 'val': 2}
   assert (smoke_run / 'export' / 'saved_model.pb').exists()
   assert (smoke_run / 'export' / 'assets' / 'vocab.json').exists()
   assert not list(smoke_run.glob('*.tmp-*'))
