@@ -24,7 +24,6 @@ from pipeline import distribute
 from pipeline import errors
 from pipeline import export as export_lib
 from pipeline import generate as generate_lib
-from pipeline import plot
 from pipeline import source
 from pipeline import steps as steps_lib
 from pipeline import storage
@@ -198,7 +197,7 @@ class _Reporter:
   def plot(self):
     """Draws train and validation loss like the seed's aux.plot, as loss.svg."""
     storage.write_bytes_atomic(storage.join(self.workdir, workdir_lib.PLOT_FILE),
-                               plot.loss_svg(self.history).encode('utf-8'))
+                               workdir_lib.loss_svg(self.history).encode('utf-8'))
 
 
 class _Loop:

@@ -1,17 +1,17 @@
-"""pipeline/plot.py: loss.svg draws history.json's points where they belong."""
+"""pipeline/workdir.py: loss.svg draws history.json's points where they belong."""
 
 import math
 from xml.etree import ElementTree
 
 import pytest
 
-from pipeline import plot
+from pipeline import workdir
 
 SVG = '{http://www.w3.org/2000/svg}'
 
 
 def _parse(history):
-  root = ElementTree.fromstring(plot.loss_svg(history))
+  root = ElementTree.fromstring(workdir.loss_svg(history))
   assert root.tag == SVG + 'svg'
   curves = {p.get('class'): [tuple(map(float, xy.split(','))) for xy in p.get('points').split()]
             for p in root.iter(SVG + 'polyline')}
@@ -43,7 +43,7 @@ def test_points_map_later_steps_right_and_lower_losses_higher_inside_the_axes():
 
 @pytest.mark.parametrize('lo, hi', [(1.23, 4.56), (0, 2000), (1.4404, 1.5040), (3, 3)])
 def test_ticks_are_round_steps_covering_the_range(lo, hi):
-  ticks = plot.nice_ticks(lo, hi)
+  ticks = workdir.nice_ticks(lo, hi)
   assert ticks[0] <= lo and ticks[-1] >= hi and len(ticks) >= 2
   steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
   assert len(steps) == 1
