@@ -34,10 +34,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from pipeline import sample  # pylint: disable=g-import-not-at-top
+  # Before anything imports TensorFlow: a bad flag fails in a fraction of a second.
+  sample.check_request(_LENGTH.value, _NUM_SAMPLES.value, _TOP_P.value, _STOP.value)
   prompts = list(_PROMPT.value)
   if _PROMPT_FILE.value:
-    with open(_PROMPT_FILE.value, encoding='utf-8') as f:
-      prompts += [line.rstrip('\n') for line in f if line.strip()]
+    prompts += sample.read_prompt_file(_PROMPT_FILE.value)
   seed = _SEED.value if _SEED.value is not None else secrets.randbits(31)
   if _SEED.value is None:
     print(f'(seed {seed})')

@@ -7,15 +7,16 @@ server) that has no copy of the training code.
 Prompt characters outside the model's vocabulary are an error (not silently
 dropped): the message lists them, because a dropped character changes what
 the model is conditioned on without the user knowing.
+
+TensorFlow is imported inside `load` and `sample` only: launch.sample checks
+its flags (`check_request`) before TensorFlow's ~3.5 s import, so a mistyped
+flag is refused at once.
 """
 
 import os
 import unicodedata
 
-import tensorflow as tf
-
 from pipeline import errors
-from pipeline import storage
 
 
 class SampleError(errors.Error):
@@ -24,6 +25,8 @@ class SampleError(errors.Error):
 
 def load(saved_model):
   """Loads a charlstm SavedModel; returns (module, vocab chars)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from pipeline import storage  # pylint: disable=g-import-not-at-top  # imports TensorFlow
   storage.check_gcs_path(saved_model)  # gs:// without credentials: one line, not a long wait
   if not tf.io.gfile.exists(os.path.join(saved_model, 'saved_model.pb')):
     raise SampleError(
@@ -95,6 +98,29 @@ class StopFilter:
     return rest
 
 
+def check_request(length, num_samples=1, top_p=1.0, stop=()):
+  """Refuses a negative length, no samples, a bad top_p or empty stop strings; returns stop."""
+  if length < 0:
+    raise SampleError(f'--length must be >= 0, got {length}.')
+  if num_samples < 1:
+    raise SampleError(f'--num_samples must be >= 1, got {num_samples}.')
+  return check_decoding(top_p, stop)
+
+
+def read_prompt_file(path):
+  """The non-blank lines of a UTF-8 file (local or gs://), one prompt each."""
+  from pipeline import storage  # pylint: disable=g-import-not-at-top  # imports TensorFlow
+  if not storage.exists(path):
+    raise SampleError(f'--prompt_file={path!r} does not exist. Pass a UTF-8 text file with '
+                      'one prompt per line, or give prompts with --prompt.')
+  try:
+    text = storage.read_bytes(path).decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise SampleError(f'--prompt_file={path!r} is not UTF-8 text (byte {e.start}); save it as '
+                      'UTF-8.') from None
+  return [line.rstrip('\r') for line in text.split('\n') if line.strip()]
+
+
 def sample(saved_model, prompts, length, temperature=0.8, top_k=0, seed=0,
            num_samples=1, top_p=1.0, stop=()):
   """Generates `num_samples` continuations of each prompt in one batched call.
@@ -106,11 +132,8 @@ def sample(saved_model, prompts, length, temperature=0.8, top_k=0, seed=0,
   Returns:
     A list of (prompt, continuation) pairs, prompt-major.
   """
-  if length < 0:
-    raise SampleError(f'--length must be >= 0, got {length}.')
-  if num_samples < 1:
-    raise SampleError(f'--num_samples must be >= 1, got {num_samples}.')
-  stop = check_decoding(top_p, stop)
+  stop = check_request(length, num_samples, top_p, stop)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   module, chars = load(saved_model)
   prompts = check_prompts(prompts or [''], chars)
   batch = [p for p in prompts for _ in range(num_samples)]

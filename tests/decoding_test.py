@@ -78,15 +78,25 @@ def test_export_decode_and_launch_sample_top_p_and_stop(smoke_run):
   assert proc.stdout.startswith('ROMEO:') and '\n' not in proc.stdout.rstrip('\n')[len('ROMEO:'):]
 
 
+# launch.sample run as `python -m` does, reporting at exit whether TensorFlow was imported.
+SAMPLE_MAIN = ('import atexit, runpy, sys\n'
+               'atexit.register(lambda: print("tensorflow imported:", "tensorflow" in sys.modules,'
+               ' file=sys.stderr))\n'
+               'sys.argv[0] = "launch/sample.py"\n'
+               'runpy.run_module("launch.sample", run_name="__main__", alter_sys=True)\n')
+
+
 @pytest.mark.parametrize('flag, message', [('--top_p=0', '--top_p must be in (0, 1]'),
                                            ('--top_p=1.5', '--top_p must be in (0, 1]'),
-                                           ('--stop=', '--stop strings must not be empty')])
-def test_bad_decoding_flags_are_one_line(smoke_run, flag, message):
-  proc = run(['-m', 'launch.sample', f'--saved_model={smoke_run / "export"}', flag],
-             check=False)
+                                           ('--stop=', '--stop strings must not be empty'),
+                                           ('--length=-1', '--length must be >= 0'),
+                                           ('--num_samples=0', '--num_samples must be >= 1')])
+def test_bad_decoding_flags_are_one_line_before_tensorflow_loads(smoke_run, flag, message):
+  proc = run(['-c', SAMPLE_MAIN, f'--saved_model={smoke_run / "export"}', flag], check=False)
   assert proc.returncode == 2
   lines = error_lines(proc.stderr)
   assert len(lines) == 1 and message in lines[0], proc.stderr[-1500:]
+  assert 'tensorflow imported: False' in proc.stderr, proc.stderr[-1500:]
 
 
 def test_stop_strings_end_each_row_streamed_or_not_and_top_p_narrows(server):

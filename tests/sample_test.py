@@ -101,3 +101,19 @@ def test_in_graph_check_rejects_unknown_characters(smoke_run):
     loaded.generate(prompts=tf.constant(['ñ']), num_chars=tf.constant(1),
                     temperature=tf.constant(0.0), top_k=tf.constant(0),
                     seed=tf.constant(0, tf.int64))
+
+
+def test_prompt_file_gives_one_prompt_per_line_and_bad_files_are_one_line(smoke_run, tmp_path):
+  good = tmp_path / 'prompts.txt'
+  good.write_bytes(b'ROMEO:\n\n  \nJULIET:\r\nFirst Citizen:')
+  assert sample.read_prompt_file(str(good)) == ['ROMEO:', 'JULIET:', 'First Citizen:']
+  (tmp_path / 'latin1.txt').write_bytes('café'.encode('latin-1'))
+  with pytest.raises(sample.SampleError, match='is not UTF-8 text'):
+    sample.read_prompt_file(str(tmp_path / 'latin1.txt'))
+  proc = run(['-m', 'launch.sample', f'--saved_model={smoke_run / "export"}',
+              f'--prompt_file={tmp_path / "missing.txt"}'], check=False)
+  assert proc.returncode == 2
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1 and 'missing.txt' in lines[0] and 'does not exist' in lines[0], proc.stderr
+  out = sample_cli(smoke_run / 'export', f'--prompt_file={good}', '--length=5', '--seed=1').stdout
+  assert [s.strip('\n')[:6] for s in out.split('-' * 40)] == ['ROMEO:', 'JULIET', 'First ']
