@@ -113,7 +113,7 @@ def read_texts(files=(), texts=()):
     try:
       out.append(Text(path, text_lib.read_text(path)))
     except text_lib.CorpusError as e:
-      raise ScoreError(_for_score(str(e))) from None
+      raise ScoreError(text_lib.flag_message(str(e), '--text_file', 'Score UTF-8 text only.')) from None
   for i, t in enumerate(texts):
     if not t:
       raise ScoreError(f'--text number {i + 1} is empty: there is nothing to score.')
@@ -121,16 +121,6 @@ def read_texts(files=(), texts=()):
   if not out:
     raise ScoreError('Nothing to score: pass --text_file=FILE (repeatable) or --text=TEXT.')
   return out
-
-
-def _for_score(message):
-  """pipeline.text's corpus messages, with the fix told in launch.score's flags."""
-  message = message.replace(
-      ' Leave it out of --config.data.corpus (name a file, directory or glob of UTF-8 text '
-      'files).', ' Score UTF-8 text only.')
-  message = message.replace('--config.data.corpus', '--text_file').replace('Corpus ', 'Text ')
-  cut = message.find(', or set --config.data.decode_errors')
-  return message if cut < 0 else message[:cut] + '.'
 
 
 def _loss_fn(step, num_layers, hidden):

@@ -108,16 +108,16 @@ def check_request(length, num_samples=1, top_p=1.0, stop=()):
 
 
 def read_prompt_file(path):
-  """The non-blank lines of a UTF-8 file (local or gs://), one prompt each."""
+  """The non-blank lines of a text file (local or gs://; pipeline.text's rules), one prompt each."""
   from pipeline import storage  # pylint: disable=g-import-not-at-top  # imports TensorFlow
+  from pipeline import text as text_lib  # pylint: disable=g-import-not-at-top
   if not storage.exists(path):
     raise SampleError(f'--prompt_file={path!r} does not exist. Pass a UTF-8 text file with '
                       'one prompt per line, or give prompts with --prompt.')
   try:
-    text = storage.read_bytes(path).decode('utf-8')
-  except UnicodeDecodeError as e:
-    raise SampleError(f'--prompt_file={path!r} is not UTF-8 text (byte {e.start}); save it as '
-                      'UTF-8.') from None
+    text = text_lib.read_text(path)
+  except text_lib.CorpusError as e:
+    raise SampleError(text_lib.flag_message(str(e), '--prompt_file', 'Pass UTF-8 text only.')) from None
   return [line.rstrip('\r') for line in text.split('\n') if line.strip()]
 
 

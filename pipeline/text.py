@@ -266,3 +266,13 @@ def read_text(path, decode_errors='strict', chunk_bytes=CHUNK_BYTES):
   if not text:
     raise empty_error(path)
   return text
+
+
+def flag_message(message, flag, fix):
+  """A CorpusError's message for a launcher that reads a file given as `flag`, ending in `fix`."""
+  message = message.replace(
+      ' Leave it out of --config.data.corpus (name a file, directory or glob of UTF-8 text '
+      'files).', f' {fix}')
+  message = message.replace('--config.data.corpus', flag).replace('Corpus ', 'Text ')
+  cut = message.find(', or set --config.data.decode_errors')
+  return message if cut < 0 else message[:cut] + '.'

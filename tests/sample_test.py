@@ -108,7 +108,7 @@ def test_prompt_file_gives_one_prompt_per_line_and_bad_files_are_one_line(smoke_
   good.write_bytes(b'ROMEO:\n\n  \nJULIET:\r\nFirst Citizen:')
   assert sample.read_prompt_file(str(good)) == ['ROMEO:', 'JULIET:', 'First Citizen:']
   (tmp_path / 'latin1.txt').write_bytes('café'.encode('latin-1'))
-  with pytest.raises(sample.SampleError, match='is not UTF-8 text'):
+  with pytest.raises(sample.SampleError, match='latin1.txt is not UTF-8'):
     sample.read_prompt_file(str(tmp_path / 'latin1.txt'))
   proc = run(['-m', 'launch.sample', f'--saved_model={smoke_run / "export"}',
               f'--prompt_file={tmp_path / "missing.txt"}'], check=False)
