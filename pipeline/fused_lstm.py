@@ -93,9 +93,10 @@ def _cell_backward(z, c, c_prev, d_out, dh_w, dc_next):
   i, f, g, o = _gates(z)
   tanh_c = tf.tanh(c)
   dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
-  dz = tf.concat([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
-                  dc * i * (1.0 - g * g), dh * tanh_c * o * (1.0 - o)], 1)
-  return tf.cast(dz, dh_w.dtype), dc * f
+  dz = tf.concat([tf.cast(p, dh_w.dtype) for p in (
+      dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
+      dc * i * (1.0 - g * g), dh * tanh_c * o * (1.0 - o))], 1)
+  return dz, dc * f
 
 
 def chains_for(batch, chains=0):
