@@ -74,12 +74,14 @@ def _cell_forward(xz, hw, c):
   """One step from the input projection xz and h_{t-1} W_h (in the matmul dtype).
 
   The add and the casts live in the kernel too: each is a TensorFlow op with
-  its own dispatch otherwise, T times per step. Returns h float32, h in the
-  matmul dtype (the next step's matmul operand), c and z float32.
+  its own dispatch otherwise, T times per step. Returns h in the matmul dtype
+  (the next step's matmul operand), c and z float32. A float32 h as well
+  would cost bfloat16 a separate convert kernel per step; only the last
+  step's is needed, and lstm_sequence recomputes it from z and c.
   """
   z = xz + tf.cast(hw, tf.float32)
   h, c = lstm_cell(z, c)
-  return h, tf.cast(h, hw.dtype), c, z
+  return tf.cast(h, hw.dtype), c, z
 
 
 @tf.function(jit_compile=True)
@@ -167,24 +169,26 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
           for rows in x_rows]
     h0_m = tf.cast(h0, md)
 
-    def step(t, hs_m, cs, arrays, unused_h):
-      out_h, out_hm, out_c, out = [], [], [], []
+    def step(t, hs_m, cs, arrays):
+      out_hm, out_c, out = [], [], []
       for j in range(k):
-        h, h_m, c, z = _cell_forward(xz[j].read(t), tf.matmul(hs_m[j], w_h_m), cs[j])
+        h_m, c, z = _cell_forward(xz[j].read(t), tf.matmul(hs_m[j], w_h_m), cs[j])
         zs, hs, cs_a = arrays[j]
-        out_h.append(h), out_hm.append(h_m), out_c.append(c)
+        out_hm.append(h_m), out_c.append(c)
         out.append((zs.write(t, z), hs.write(t, h_m), cs_a.write(t, c)))
-      return t + 1, out_hm, out_c, out, out_h
+      return t + 1, out_hm, out_c, out
 
     # z and c are kept for the backward pass (gates are recomputed from z there).
     def new_arrays():
       return tuple(tf.TensorArray(dt, size=t_len, clear_after_read=False) for dt in (f32, md, f32))
-    h_parts = tf.split(h_init, k)
-    _, _, c_last, arrays, h_last = tf.while_loop(
+    _, _, c_last, arrays = tf.while_loop(
         lambda t, *_: t < t_len, step,
         [tf.constant(0), tf.split(h0_m, k), tf.split(c_init, k),
-         [new_arrays() for _ in range(k)], h_parts])
-    h_t, c_t = tf.concat(h_last, 0), tf.concat(c_last, 0)
+         [new_arrays() for _ in range(k)]])
+    c_t = tf.concat(c_last, 0)
+    # h_T in float32, from the last step's output gate and c_T (T >= 1 here).
+    z_last = tf.concat([zs.read(t_len - 1) for zs, _, _ in arrays], 0)
+    h_t = tf.sigmoid(z_last[:, 3 * hid:]) * tf.tanh(c_t)
     h_stacks = [hs.stack() for _, hs, _ in arrays]  # each (T, B/k, H), matmul dtype
     h_all = tf.concat(h_stacks, 1)
 
