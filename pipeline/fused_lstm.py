@@ -128,8 +128,9 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
       dtype: bfloat16 runs the matmuls, forward and backward, in bfloat16
       (oneDNN's AMX or AVX512-BF16 kernels, float32 accumulation), but for
       the first layer's input projection (input_grad=False); the gate
-      math, the cell state c and the weight gradients stay float32, so
-      bfloat16 rounds only the matmul operands.
+      math and the cell state c stay float32, so bfloat16 rounds the matmul
+      operands and results (TensorFlow has no bfloat16 -> float32 CPU matmul;
+      each chain's weight gradient is summed over the chains in float32).
     h0, c0: (B, H) initial state.
     kernel: (D, 4H); recurrent_kernel: (H, 4H); bias: (4H,): the float32
       variables' values (`_inner_loop` reads them past Keras's autocast); each
