@@ -52,6 +52,19 @@ def test_values_and_gradients_match_keras(layers, dropout):
     np.testing.assert_allclose(f, k, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('chains', [1, 2])
+def test_first_layer_inputs_that_are_not_one_hot_still_match_keras(chains):
+  # One-hot first-layer rows are projected by a row gather; any other input
+  # (here a single entry of one window halved) must take the matmul instead.
+  models = model_lib.build(V, H, 1, T)
+  x, h, c, y = _inputs(1, seed=5, b=6)
+  x = tf.tensor_scatter_nd_update(x, [[5, T - 1, 0]], [0.5])
+  keras_out = _loss_and_grads(models, False, x, h, c, y)
+  fused_out = _loss_and_grads(models, True, x, h, c, y, chains=chains)
+  for k, f in zip(keras_out, fused_out):
+    np.testing.assert_allclose(f, k, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('chains', [2, 3])
 def test_split_batch_recurrences_match_keras(chains):
   models = model_lib.build(V, H, 2, T)
