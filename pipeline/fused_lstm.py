@@ -203,8 +203,8 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
          [new_arrays() for _ in range(k)]])
     c_t = tf.concat(c_last, 0)
     # h_T in float32, from the last step's output gate and c_T (T >= 1 here).
-    z_last = tf.concat([zs.read(t_len - 1) for zs, _, _ in arrays], 0)
-    h_t = tf.sigmoid(z_last[:, 3 * hid:]) * tf.tanh(c_t)
+    o_last = _gates(tf.concat([zs.read(t_len - 1) for zs, _, _ in arrays], 0))[3]
+    h_t = o_last * tf.tanh(c_t)
     h_stacks = [hs.stack() for _, hs, _ in arrays]  # each (T, B/k, H), matmul dtype
     h_all = tf.concat(h_stacks, 1)
 
