@@ -14,6 +14,7 @@ from pipeline import errors
 
 STRATEGIES = ('auto', 'cpu', 'gpu', 'mirrored', 'multi_worker', 'tpu')
 PRECISIONS = ('float32', 'bfloat16', 'float16')
+CELL_KERNELS = ('auto', 'cc', 'xla')  # train.cell_kernels
 MODES = ('shuffle', 'stream')
 DECODE_ERRORS = ('strict', 'replace')
 SCHEDULES = ('constant', 'cosine')
@@ -72,6 +73,7 @@ def base_config():
   c.train.jit_compile = config_dict.placeholder(bool)  # XLA on CPU: the whole loop (one replica) or forward/backward (several); None: on for one replica where TensorFlow runs without oneDNN (steps.jit_mode); GPUs ignore it.
   c.train.tpu_proxy = False  # CPU: compile each step exactly as a TPU does (XLA over the whole replica step, Keras's LSTM, bfloat16 inputs fed per step).
   c.train.fused_lstm = True  # CPU: the train step runs each LSTM layer as pipeline.fused_lstm (Keras's math, a 1.2-1.6x faster gradient); False: Keras's own loop.
+  c.train.cell_kernels = 'auto'  # fused_lstm's per-step gate math: 'cc' (a C++ op compiled for this CPU at first use, pipeline.kernels.cell), 'xla', or 'auto' (cc, else xla with a warning).
   c.train.lstm_chains = 0  # fused_lstm: split each batch into N recurrences run side by side on the CPU cores (0: one per core, up to batch/16; same math).
   c.train.export = True  # Export a SavedModel to <workdir>/export when training ends.
   c.train.init_from = ''  # Fine-tune: start from a workdir's latest checkpoint, an export dir or a checkpoint (merged vocabulary, fresh optimizer; not on resume).
@@ -141,6 +143,8 @@ def validate(c):
          f'train.lr_schedule must be one of {SCHEDULES}, got {t.lr_schedule!r}.')
   _check(t.lstm_chains >= 0,
          f'train.lstm_chains must be >= 0 (0: one per CPU core), got {t.lstm_chains}.')
+  _check(t.cell_kernels in CELL_KERNELS,
+         f'train.cell_kernels must be one of {CELL_KERNELS}, got {t.cell_kernels!r}.')
   _check(t.weight_decay >= 0, f'train.weight_decay must be >= 0, got {t.weight_decay}.')
   _check(t.grad_clip_norm >= 0, 'train.grad_clip_norm must be >= 0 (0 disables).')
   _check(r.strategy in STRATEGIES,

@@ -13,9 +13,11 @@ the way cuDNN does:
   backward: only dh/dc run through the loop backwards (dz_t W_h^T per step);
             the weight gradients are one matmul each over all T*B rows, after
             the loop;
-  and each step's gate math (sigmoids, tanhs, products) is one small XLA
-  kernel, whatever train.jit_compile says: it is part of this op, as cuDNN's
-  kernels are part of Keras's GPU LSTM;
+  and each step's gate math (sigmoids, tanhs, products) is one small kernel,
+  whatever train.jit_compile says: a C++ op compiled for this CPU
+  (pipeline.kernels.cell, kernels='cc') or an XLA kernel (kernels='xla', and
+  inside XLA-compiled steps); it is part of this op, as cuDNN's kernels are
+  part of Keras's GPU LSTM;
   and the batch rows run as `chains` independent recurrences in the same loop
   (train.lstm_chains; one per CPU core by default), so each core multiplies
   its own block of rows: at B=64 one (B, H) x (H, 4H) matmul is too small to
@@ -48,6 +50,8 @@ import os
 import keras
 import tensorflow as tf
 from keras.src.backend import AutocastScope
+
+from pipeline.kernels import cell as cell_kernels
 
 
 def _gates(z):
@@ -102,6 +106,16 @@ def _cell_backward(z, c, c_prev, d_out, dh_w, dc_next):
   return dz, dc * f
 
 
+def _cell_kernels(kernels):
+  """(forward, backward) gate kernels: 'xla' above, or 'cc' (pipeline.kernels.cell)."""
+  if kernels == 'xla':
+    return _cell_forward, _cell_backward
+  if kernels != 'cc':
+    raise ValueError(f"kernels must be 'cc' or 'xla', got {kernels!r}")
+  ops = cell_kernels.load()
+  return ops.charlstm_cell_forward, ops.charlstm_cell_backward
+
+
 def chains_for(batch, chains=0):
   """How many independent recurrences to split a batch of `batch` rows into.
 
@@ -121,7 +135,8 @@ def chains_for(batch, chains=0):
   return chains if batch % chains == 0 else 1
 
 
-def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, chains=1):
+def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, chains=1,
+                  kernels='xla'):
   """Runs an LSTM over x with Keras's gate layout (i, f, g, o); a fused gradient.
 
   Args:
@@ -147,6 +162,9 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
       row blocks, each its own matmul per step) in the same loop, so that the
       inter-op threads run them at once; it must divide B. The math per row
       is unchanged.
+    kernels: the per-step gate kernels, 'xla' or 'cc' (the C++ op of
+      pipeline.kernels.cell; not inside an XLA-compiled function, which
+      cannot compile it). The same math either way.
 
   Returns:
     (outputs (B, T, H) in x's dtype, h_T (B, H) float32, c_T (B, H) float32).
@@ -154,6 +172,7 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
   md = x.dtype  # the matmuls' dtype
   f32 = tf.float32
   k = chains
+  cell_forward, cell_backward = _cell_kernels(kernels)
 
   @tf.custom_gradient
   def run(x, h0, c0, w_x, w_h, b):
@@ -188,7 +207,7 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
     def step(t, hs_m, cs, arrays):
       out_hm, out_c, out = [], [], []
       for j in range(k):
-        h_m, c, z = _cell_forward(xz[j].read(t), tf.matmul(hs_m[j], w_h_m), cs[j])
+        h_m, c, z = cell_forward(xz[j].read(t), tf.matmul(hs_m[j], w_h_m), cs[j])
         zs, hs, cs_a = arrays[j]
         out_hm.append(h_m), out_c.append(c)
         out.append((zs.write(t, z), hs.write(t, h_m), cs_a.write(t, c)))
@@ -220,7 +239,7 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
           zs, _, cs = arrays[j]
           c_prev = tf.cond(t > 0, lambda: cs.read(tf.maximum(t - 1, 0)),
                            lambda: c_init_parts[j])  # pylint: disable=cell-var-from-loop
-          dz, dc = _cell_backward(zs.read(t), c_s[j], c_prev, d_out[j].read(t),
+          dz, dc = cell_backward(zs.read(t), c_s[j], c_prev, d_out[j].read(t),
                                   dh_ws[j], dc_nexts[j])
           for lst, v in zip(out, (tf.matmul(dz, w_h_t), dc, c_prev, dzs[j].write(t, dz))):
             lst.append(v)
@@ -278,7 +297,7 @@ def _stored_value(variable):
     return variable.value
 
 
-def _inner_loop(lstm, input_grad, chains, sequences, initial_state, mask, training=False):
+def _inner_loop(lstm, input_grad, chains, kernels, sequences, initial_state, mask, training=False):
   """Stands in for keras.layers.LSTM.inner_loop: (last output, outputs, [h, c])."""
   del training  # no dropout inside the recurrence (see `supported`)
   if mask is not None:
@@ -300,7 +319,7 @@ def _inner_loop(lstm, input_grad, chains, sequences, initial_state, mask, traini
     out = tf.cast(h, md)
     return out, out[:, None], [h, c]
   outputs, h, c = lstm_sequence(sequences, h, c, kernel, recurrent_kernel, bias,
-                                input_grad=input_grad,
+                                input_grad=input_grad, kernels=kernels,
                                 # An unknown batch size (no static shape) runs one chain.
                                 chains=chains_for(sequences.shape[0], chains)
                                 if sequences.shape[0] else 1)
@@ -308,11 +327,12 @@ def _inner_loop(lstm, input_grad, chains, sequences, initial_state, mask, traini
 
 
 @contextlib.contextmanager
-def swap_in(lstms, enabled=True, chains=1):
+def swap_in(lstms, enabled=True, chains=1, kernels='xla'):
   """Within the block, the supported layers of `lstms` (in stack order) run lstm_sequence.
 
   chains: lstm_sequence's independent recurrences per layer (chains_for: 0
-  picks one per CPU core).
+  picks one per CPU core). kernels: its gate kernels, 'xla' or 'cc'
+  (cell_kernels.resolve picks; 'cc' only outside XLA-compiled functions).
 
   Use it around the model call that a tf.function traces; the traced graph
   keeps the fused op after the block ends. The first layer skips the input
@@ -323,7 +343,7 @@ def swap_in(lstms, enabled=True, chains=1):
   for lstm in swapped:
     # object.__setattr__: a plain instance attribute, not a Keras-tracked one.
     object.__setattr__(lstm, 'inner_loop', functools.partial(
-        _inner_loop, lstm, lstm is not lstms[0], chains))
+        _inner_loop, lstm, lstm is not lstms[0], chains, kernels))
   try:
     yield len(swapped)
   finally:

@@ -31,6 +31,7 @@ from absl import logging
 from pipeline import distribute
 from pipeline import fused_lstm
 from pipeline import model as model_lib
+from pipeline.kernels import cell as cell_kernels
 
 
 class _PreReducedAdam(keras.optimizers.Adam):
@@ -179,16 +180,20 @@ class Loops:
   eval: object  # (iterator, n) -> summed validation loss (nats) over the weighted targets
   step: object = None  # one replica's step (batch) -> loss; XLA-compiled in 'replica' mode
   fused: bool = False  # whether the train step runs the LSTMs as pipeline.fused_lstm
+  kernels: str = 'xla'  # fused_lstm's gate kernels: 'cc' (pipeline.kernels.cell) or 'xla'
 
 
 def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
-          train_state, eval_state, step_var, mode='off', seed=0, fused=True, chains=1):
+          train_state, eval_state, step_var, mode='off', seed=0, fused=True, chains=1,
+          kernels='auto'):
   """Builds the train and eval loop functions for `strategy`.
 
   fused: run the LSTM layers' recurrence in the train step as
   pipeline.fused_lstm (same math, a faster gradient) on CPUs; GPUs keep
   Keras's cuDNN kernel and TPUs Keras's loop. chains: its independent
   recurrences per layer (fused_lstm.chains_for; 0 picks one per CPU core).
+  kernels: its gate kernels (train.cell_kernels: 'auto', 'cc' or 'xla'); an
+  XLA-compiled step ('step' or 'loop' mode) compiles the XLA ones into itself.
   """
   variables = models.train.trainable_variables
   num_layers = len(models.lstms)
@@ -196,9 +201,17 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
   scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
   fused = fused and mode != 'replica' and not tf.config.list_logical_devices(
       'GPU') and not isinstance(strategy, tf.distribute.TPUStrategy)
+  if kernels == 'cc' and fused and mode != 'off':
+    raise cell_kernels.BuildError(
+        f'train.cell_kernels=cc runs outside XLA, but this step is XLA-compiled ({mode!r} '
+        'mode). Set --config.train.jit_compile=false, or train.cell_kernels=auto.')
+  kernels = cell_kernels.resolve(kernels) if fused and mode == 'off' else 'xla'
+  if fused:
+    logging.info('fused_lstm: %s gate kernels.', 'C++' if kernels == 'cc' else 'XLA')
 
   def forward_backward(inputs, targets, h, c, noise):
-    with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused, chains):
+    with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused, chains,
+                                                                     kernels):
       logits, h2, c2 = models.train([inputs, h, c] + noise, training=True)
       per_char = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
       # Scaled by the global batch: summing replicas' gradients gives the mean.
@@ -284,9 +297,9 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
 
   if mode == 'loop':
     return Loops(train=lambda it, n: xla_train_loop(it, int(n)), eval=eval_loop,
-                 step=replica_step, fused=fused)
+                 step=replica_step, fused=fused, kernels=kernels)
   return Loops(train=lambda it, n: train_loop(it, tf.constant(n)), eval=eval_loop,
-               step=run_step, fused=fused)
+               step=run_step, fused=fused, kernels=kernels)
 
 
 @dataclasses.dataclass
@@ -342,6 +355,7 @@ def setup(config, strategy, vocab_size, use_cudnn='auto', bf16_fallback=True):
   loops = build(strategy, models, optimizer, global_batch=d.batch_size,
                 stream=d.mode == 'stream', clip_norm=t.grad_clip_norm,
                 train_state=train_state, eval_state=eval_state, step_var=step, mode=mode,
-                seed=config.seed, fused=t.fused_lstm, chains=t.lstm_chains)
+                seed=config.seed, fused=t.fused_lstm, chains=t.lstm_chains,
+                kernels=t.cell_kernels)
   return Training(models, optimizer, schedule, step, best_val, train_state, eval_state,
                   loops, mode)

@@ -25,13 +25,16 @@ def _inputs(layers, seed=0, b=B):
   return x, h, c, y
 
 
-def _loss_and_grads(models, fused, x, h, c, y, noise=(), chains=1):
+KERNELS = pytest.mark.parametrize('kernels', ['xla', 'cc'])  # pipeline.kernels.cell
+
+
+def _loss_and_grads(models, fused, x, h, c, y, noise=(), chains=1, kernels='xla'):
   """Loss on the logits and on both returned states, so every gradient path is used."""
 
   @tf.function
   def run():
-    with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused,
-                                                       chains) as swapped:
+    with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused, chains,
+                                                       kernels) as swapped:
       logits, h2, c2 = models.train([x, h, c, *noise], training=True)
       loss = (tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
               + 0.3 * tf.reduce_sum(h2 * h2) + 0.1 * tf.reduce_sum(c2))
@@ -40,37 +43,40 @@ def _loss_and_grads(models, fused, x, h, c, y, noise=(), chains=1):
   return [t.numpy() for t in run()]
 
 
+@KERNELS
 @pytest.mark.parametrize('layers,dropout', [(1, 0.0), (2, 0.0), (2, 0.4)])
-def test_values_and_gradients_match_keras(layers, dropout):
+def test_values_and_gradients_match_keras(layers, dropout, kernels):
   models = model_lib.build(V, H, layers, T, dropout=dropout)
   args = _inputs(layers)
   noise = [tf.random.stateless_uniform([B, layers, H], seed=[1, 2])] if dropout else []
   keras_out = _loss_and_grads(models, False, *args, noise)
-  fused_out = _loss_and_grads(models, True, *args, noise)
+  fused_out = _loss_and_grads(models, True, *args, noise, kernels=kernels)
   assert len(fused_out) == len(keras_out) == 4 + 3 * layers + 2
   for k, f in zip(keras_out, fused_out):
     np.testing.assert_allclose(f, k, rtol=1e-5, atol=1e-6)
 
 
+@KERNELS
 @pytest.mark.parametrize('chains', [1, 2])
-def test_first_layer_inputs_that_are_not_one_hot_still_match_keras(chains):
+def test_first_layer_inputs_that_are_not_one_hot_still_match_keras(chains, kernels):
   # One-hot first-layer rows are projected by a row gather; any other input
   # (here a single entry of one window halved) must take the matmul instead.
   models = model_lib.build(V, H, 1, T)
   x, h, c, y = _inputs(1, seed=5, b=6)
   x = tf.tensor_scatter_nd_update(x, [[5, T - 1, 0]], [0.5])
   keras_out = _loss_and_grads(models, False, x, h, c, y)
-  fused_out = _loss_and_grads(models, True, x, h, c, y, chains=chains)
+  fused_out = _loss_and_grads(models, True, x, h, c, y, chains=chains, kernels=kernels)
   for k, f in zip(keras_out, fused_out):
     np.testing.assert_allclose(f, k, rtol=1e-5, atol=1e-6)
 
 
+@KERNELS
 @pytest.mark.parametrize('chains', [2, 3])
-def test_split_batch_recurrences_match_keras(chains):
+def test_split_batch_recurrences_match_keras(chains, kernels):
   models = model_lib.build(V, H, 2, T)
   args = _inputs(2, seed=3, b=6)
   keras_out = _loss_and_grads(models, False, *args)
-  fused_out = _loss_and_grads(models, True, *args, chains=chains)
+  fused_out = _loss_and_grads(models, True, *args, chains=chains, kernels=kernels)
   assert [f.shape for f in fused_out] == [k.shape for k in keras_out]
   for k, f in zip(keras_out, fused_out):
     np.testing.assert_allclose(f, k, rtol=1e-5, atol=1e-6)
@@ -122,7 +128,8 @@ def _matmul_dtypes(fn):
           if n.op in ('MatMul', 'BatchMatMulV2')}
 
 
-def test_bfloat16_multiplies_in_bfloat16_and_tracks_float32():
+@KERNELS
+def test_bfloat16_multiplies_in_bfloat16_and_tracks_float32(kernels):
   f32 = model_lib.build(V, H, 2, T)
   bf16 = model_lib.build(V, H, 2, T, precision='bfloat16')
   for w, w16 in zip(f32.train.weights, bf16.train.weights):
@@ -134,7 +141,7 @@ def test_bfloat16_multiplies_in_bfloat16_and_tracks_float32():
   @tf.function
   def run16():
     x, h, c, y = args
-    with tf.GradientTape() as tape, fused_lstm.swap_in(bf16.lstms) as swapped:
+    with tf.GradientTape() as tape, fused_lstm.swap_in(bf16.lstms, kernels=kernels) as swapped:
       logits, h2, c2 = bf16.train([x, h, c], training=True)
       loss = (tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
               + 0.3 * tf.reduce_sum(h2 * h2) + 0.1 * tf.reduce_sum(c2))
@@ -175,7 +182,7 @@ def test_bfloat16_first_layer_adds_unrounded_input_weights_and_bias(chars):
     lstm = model.lstms[0]
     with AutocastScope(lstm.compute_dtype):
       _, _, (h, c) = tf.function(lambda: fused_lstm._inner_loop(  # pylint: disable=protected-access
-          lstm, False, 1, tf.cast(x, lstm.compute_dtype), [zeros, zeros], None))()
+          lstm, False, 1, 'xla', tf.cast(x, lstm.compute_dtype), [zeros, zeros], None))()
     return np.concatenate([h.numpy().ravel(), c.numpy().ravel()])
   want, got = state(f32), state(bf16)
   assert np.max(np.abs(got - want)) < 1e-5, np.max(np.abs(got - want))  # bf16 rounding: ~1e-3

@@ -1,0 +1,166 @@
+"""The fused LSTM's gate math as a C++ op (cell.cc), compiled for this CPU at first use.
+
+pipeline.fused_lstm runs one small gate kernel per chain per time step, 400
+per train step at T=100. As XLA kernels they cost more than their arithmetic
+(a dozen fusions per call); the C++ op made the fused LSTM's forward +
+backward 1.13-1.15x faster in float32 and 1.18-1.28x in bfloat16 (BUILD.md).
+
+`load()` compiles cell.cc with $CXX (else g++, else c++) against this
+interpreter's TensorFlow headers (tf.sysconfig) with -O3 -march=native, into
+a cache directory: $CHARLSTM_OPS_DIR, else <venv>/charlstm-ops, else
+~/.cache/charlstm-ops. The file name hashes everything the binary depends on
+(the source, TensorFlow's version and headers, the CPU's feature flags), so a
+venv shared by different machines or TensorFlow versions keeps one binary per
+combination. One process compiles (about 7 s) while the others wait on a file
+lock; the rest load the binary in milliseconds, compiler or not.
+
+Where it cannot be built (no compiler, no headers, another OS), `resolve`
+says so once and the XLA kernels run: the same math, slower. The op never
+reaches a SavedModel (the sampler's one-char step is plain TensorFlow ops) or
+an XLA-compiled step, so nothing but this process's train step depends on it.
+"""
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl import logging
+import tensorflow as tf
+
+from pipeline import config
+from pipeline import errors
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cell.cc')
+KINDS = config.CELL_KERNELS
+_COMPILE_TIMEOUT_S = 600
+# Tried in order: Eigen's AVX512-FP16 packet code fails to compile with GCC 12
+# (PacketMathFP16.h), and the gate math has no float16, so that extension is
+# turned off where the compiler knows the flag; the last set builds anywhere.
+_ARCH_FLAGS = (['-march=native', '-mno-avx512fp16'], ['-march=native'], [])
+
+_state = {}  # 'module' once loaded, or 'error': why it could not be (one try per process)
+
+
+class BuildError(errors.Error):
+  """The C++ gate op could not be built or loaded on this machine."""
+
+
+def _cpu_flags():
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith(('flags', 'Features')):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _binary_name():
+  key = hashlib.sha256()
+  with open(SOURCE, 'rb') as f:
+    key.update(f.read())
+  for part in (tf.__version__, tf.sysconfig.get_include(), platform.machine(), _cpu_flags(),
+               *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()):
+    key.update(part.encode() + b'\0')
+  return f'cell-{key.hexdigest()[:16]}.so'
+
+
+def cache_dir():
+  """Where the compiled op lives (see the module docstring)."""
+  if os.environ.get('CHARLSTM_OPS_DIR'):
+    return os.environ['CHARLSTM_OPS_DIR']
+  if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+    return os.path.join(sys.prefix, 'charlstm-ops')
+  return os.path.join(os.path.expanduser('~'), '.cache', 'charlstm-ops')
+
+
+def _compiler():
+  for name in (os.environ.get('CXX'), 'g++', 'c++'):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  raise BuildError(f'no C++ compiler: $CXX is {os.environ.get("CXX")!r} and neither g++ nor '
+                   'c++ is on PATH. Install one (Debian: apt-get install g++), or set '
+                   '--config.train.cell_kernels=xla.')
+
+
+def _compile(path):
+  """Builds the op into `path` (atomically: a reader never sees half a file)."""
+  cxx = _compiler()
+  tmp = tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix='.so.tmp', delete=False)
+  tmp.close()
+  last = ''
+  try:
+    for arch in _ARCH_FLAGS:
+      cmd = [cxx, '-O3', *arch, '-shared', '-fPIC', '-w', SOURCE, '-o', tmp.name,
+             *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+      done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S,
+                            check=False)
+      if done.returncode == 0:
+        os.replace(tmp.name, path)
+        logging.info('kernels.cell: compiled %s (%s)', path, ' '.join(arch) or 'no -march')
+        return
+      last = (done.stderr.strip().splitlines() or ['(no output)'])[-1]
+  finally:
+    if os.path.exists(tmp.name):
+      os.remove(tmp.name)
+  raise BuildError(f'{os.path.basename(cxx)} could not compile {SOURCE}: {last[:300]} '
+                   'Set --config.train.cell_kernels=xla to train without it.')
+
+
+def _build_and_load():
+  directory = cache_dir()
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, _binary_name())
+  if not os.path.exists(path):
+    try:
+      import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only
+    except ImportError:
+      fcntl = None
+    with open(os.path.join(directory, '.lock'), 'w', encoding='utf-8') as lock:
+      if fcntl:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+      if not os.path.exists(path):  # another process may have built it meanwhile
+        _compile(path)
+  try:
+    return tf.load_op_library(path)
+  except (tf.errors.OpError, OSError) as e:
+    raise BuildError(f'could not load the compiled gate op {path}: '
+                     f'{str(e).splitlines()[0][:300]} Delete it to rebuild, or set '
+                     '--config.train.cell_kernels=xla.') from None
+
+
+def load():
+  """The compiled op's module (charlstm_cell_forward/backward); raises BuildError."""
+  if 'module' not in _state and 'error' not in _state:
+    try:
+      _state['module'] = _build_and_load()
+    except (BuildError, OSError, subprocess.SubprocessError) as e:
+      _state['error'] = e if isinstance(e, BuildError) else BuildError(
+          f'building the C++ gate op failed: {e}. Set --config.train.cell_kernels=xla.')
+  if 'error' in _state:
+    raise _state['error']
+  return _state['module']
+
+
+def resolve(kind):
+  """train.cell_kernels -> 'cc' or 'xla'. 'auto' falls back to XLA with one warning."""
+  if kind not in KINDS:
+    raise ValueError(f'cell_kernels must be one of {KINDS}, got {kind!r}')
+  if kind == 'xla':
+    return 'xla'
+  try:
+    load()
+  except BuildError as e:
+    if kind == 'cc':
+      raise
+    if not _state.get('warned'):
+      _state['warned'] = True
+      logging.warning('kernels.cell: %s Training runs the XLA gate kernels instead: the same '
+                      'math, about 1.15x slower (1.25x in bfloat16).', e)
+    return 'xla'
+  return 'cc'

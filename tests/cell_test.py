@@ -1,0 +1,145 @@
+"""pipeline.kernels.cell: the C++ gate op is built once per machine, loads anywhere after, and fails clearly.
+
+Its values and gradients against Keras's are in fused_lstm_test (every
+Keras-match test runs with both gate kernels).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import error_lines, run
+from pipeline import fused_lstm
+from pipeline import model as model_lib
+from pipeline.kernels import cell as cell_kernels
+
+# Run in a child: resolve the kind in argv[1], print the result, the cache's files.
+_RESOLVE = '''
+import json, os, sys
+from pipeline.kernels import cell as cell_kernels
+try:
+  print('resolved', cell_kernels.resolve(sys.argv[1]))
+except cell_kernels.BuildError as e:
+  print('error', e)
+print('files', json.dumps(sorted(os.listdir(cell_kernels.cache_dir()))))
+'''
+
+
+def _resolve(kind, cache, no_compiler=False):
+  env = {'CHARLSTM_OPS_DIR': str(cache)}
+  if no_compiler:
+    # No g++ or c++ anywhere: PATH is an empty directory and CXX names nothing.
+    empty = cache.parent / 'empty-bin'
+    empty.mkdir(exist_ok=True)
+    env.update(PATH=str(empty), CXX='')
+  proc = run(['-c', _RESOLVE, kind], env=env)
+  out = dict(line.split(' ', 1) for line in proc.stdout.splitlines())
+  return out, proc.stderr
+
+
+def test_a_binary_built_in_one_process_loads_in_another_without_a_compiler(tmp_path):
+  cache = tmp_path / 'ops'
+  built, _ = _resolve('cc', cache)
+  assert built['resolved'] == 'cc'
+  binaries = [f for f in eval(built['files']) if f.endswith('.so')]  # pylint: disable=eval-used
+  assert len(binaries) == 1 and binaries[0].startswith('cell-')
+  mtime = os.path.getmtime(cache / binaries[0])
+  loaded, _ = _resolve('cc', cache, no_compiler=True)
+  assert loaded['resolved'] == 'cc'
+  assert loaded['files'] == built['files']  # nothing rebuilt, no temp files left
+  assert os.path.getmtime(cache / binaries[0]) == mtime
+
+
+def test_without_a_compiler_auto_warns_once_and_takes_the_xla_kernels(tmp_path):
+  out, stderr = _resolve('auto', tmp_path / 'ops', no_compiler=True)
+  assert out['resolved'] == 'xla'
+  warnings = [l for l in stderr.splitlines() if 'kernels.cell: no C++ compiler' in l]
+  assert len(warnings) == 1, stderr
+  assert 'XLA gate kernels instead' in warnings[0]
+  assert [f for f in eval(out['files']) if f.endswith('.so')] == []  # pylint: disable=eval-used
+
+
+def test_asking_for_cc_without_a_compiler_is_a_one_line_error_before_training(tmp_path):
+  empty = tmp_path / 'empty-bin'
+  empty.mkdir()
+  proc = run(['-m', 'launch.train', '--config=configs/shakespeare.py:smoke',
+              f'--workdir={tmp_path / "run"}', '--config.train.cell_kernels=cc',
+              '--config.train.jit_compile=false'], check=False,
+             env={'CHARLSTM_OPS_DIR': str(tmp_path / 'ops'), 'PATH': str(empty), 'CXX': ''})
+  assert proc.returncode == 2, proc.stderr
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1, proc.stderr
+  assert 'no C++ compiler' in lines[0] and 'train.cell_kernels=xla' in lines[0]
+  assert not list(tmp_path.glob('run/checkpoints/ckpt-*'))
+
+
+def test_asking_for_cc_in_an_xla_compiled_step_is_a_one_line_error(tmp_path):
+  proc = run(['-m', 'launch.train', '--config=configs/shakespeare.py:smoke',
+              f'--workdir={tmp_path}', '--config.train.cell_kernels=cc',
+              '--config.train.jit_compile=true'], check=False)
+  assert proc.returncode == 2, proc.stderr
+  lines = error_lines(proc.stderr)
+  assert len(lines) == 1, proc.stderr
+  assert 'XLA-compiled' in lines[0] and 'jit_compile=false' in lines[0]
+
+
+def _gate_ops(kernels):
+  """The op types in the graph of a fused train-step-like function, nested functions included."""
+  models = model_lib.build(11, 8, 1, 5)
+  x = tf.one_hot(np.arange(20).reshape(4, 5) % 11, 11)
+  zeros = tf.zeros([4, 1, 8])
+
+  @tf.function
+  def grads():
+    with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, kernels=kernels):
+      logits, _, _ = models.train([x, zeros, zeros], training=True)
+      loss = tf.reduce_sum(logits * logits)  # not their sum: a softmax's is constant
+    return tape.gradient(loss, models.train.trainable_variables)
+  graph = grads.get_concrete_function().graph.as_graph_def()
+  nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+  return {n.op for n in nodes}
+
+
+def test_the_cc_kernels_replace_the_xla_ones_in_the_traced_step():
+  cc, xla = _gate_ops('cc'), _gate_ops('xla')
+  assert {'CharlstmCellForward', 'CharlstmCellBackward'} <= cc
+  assert not {'CharlstmCellForward', 'CharlstmCellBackward'} & xla
+
+
+def test_the_kernels_check_their_shapes():
+  ops = cell_kernels.load()
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'z must be \(B, 4H\)'):
+    ops.charlstm_cell_forward(tf.zeros([2, 8]), tf.zeros([2, 8]), tf.zeros([2, 3]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="must have c's shape"):
+    ops.charlstm_cell_backward(tf.zeros([2, 12]), *[tf.zeros([2, 3])] * 3, tf.zeros([3, 3]),
+                               tf.zeros([2, 3]))
+
+
+def test_the_fused_gradient_with_cc_kernels_is_bitwise_repeatable():
+  # Exact resume needs every run of a step to give the same bits wherever its
+  # buffers happen to be allocated (Eigen's array code computes the unaligned
+  # head of a buffer with its scalar tanh, which differs in the last bit).
+  h, b, t, v = 72, 8, 16, 11  # 72 columns: whole packets and a partial one
+  rng = np.random.default_rng(0)
+  x = tf.one_hot(rng.integers(v, size=(b, t)), v)
+  w_x, w_h = (tf.constant(rng.normal(size=(d, 4 * h)), tf.float32) for d in (v, h))
+  bias, zeros = tf.zeros([4 * h]), tf.zeros([b, h])
+
+  @tf.function
+  def run():
+    with tf.GradientTape() as tape:
+      tape.watch([w_x, w_h, bias])
+      out, _, c = fused_lstm.lstm_sequence(x, zeros, zeros, w_x, w_h, bias, input_grad=False,
+                                           chains=2, kernels='cc')
+      loss = tf.reduce_sum(out * out) + tf.reduce_sum(c)
+    return [out] + tape.gradient(loss, [w_x, w_h, bias])
+  first = [a.numpy() for a in run()]
+  shifts = []
+  for i in range(40):
+    shifts.append(tf.zeros([int(rng.integers(1, 200))]))  # moves later allocations around
+    again = [a.numpy() for a in run()]
+    for a, want in zip(again, first):
+      np.testing.assert_array_equal(a, want, err_msg=f'call {i + 1}')
