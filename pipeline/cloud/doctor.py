@@ -188,6 +188,8 @@ def _check_train(config, strategy, corpus, use_cudnn):
   detail = (f'{STEPS} steps, loss {loss:.3f} nats/char (ln V = '
             f'{math.log(corpus.vocab.size):.3f}), one val batch {val:.3f}; XLA '
             f'{training.jit_mode}, use_cudnn={use_cudnn!r}')
+  if training.loops.fused:  # which gate kernels: the C++ op (pipeline.kernels.cell) or XLA's
+    detail += f', fused LSTM gate kernels {training.loops.kernels}'
   return detail, training
 
 
