@@ -72,8 +72,11 @@ def small_models(layers=2, hidden=24, vocab=17, scale=0.3):
   return models
 
 
+@pytest.mark.parametrize('transposed', [False, True])  # matrices above TRANSPOSE_BYTES
 @pytest.mark.parametrize('jit', [False, True])
-def test_weights_step_matches_the_keras_step_model(jit):
+def test_weights_step_matches_the_keras_step_model(jit, transposed, monkeypatch):
+  if transposed:  # every matrix the step multiplies is then read (4H, D)
+    monkeypatch.setattr(generate, 'TRANSPOSE_BYTES', 0)
   models = small_models()
   rng = np.random.default_rng(4)
   v = models.dense.units
