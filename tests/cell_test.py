@@ -14,7 +14,15 @@ import tensorflow as tf
 from conftest import error_lines, run
 from pipeline import fused_lstm
 from pipeline import model as model_lib
+from pipeline.cloud import bootstrap
 from pipeline.kernels import cell as cell_kernels
+
+
+
+@pytest.fixture(autouse=True)
+def _compiler():
+  bootstrap.cxx()  # installs g++ where it is missing (conftest.kernels)
+
 
 # Run in a child: resolve the kind in argv[1], print the result, the cache's files.
 _RESOLVE = '''
@@ -143,3 +151,12 @@ def test_the_fused_gradient_with_cc_kernels_is_bitwise_repeatable():
     again = [a.numpy() for a in run()]
     for a, want in zip(again, first):
       np.testing.assert_array_equal(a, want, err_msg=f'call {i + 1}')
+
+
+def test_no_compiler_for_the_tests_is_one_line_saying_how_to_install_it(monkeypatch, tmp_path):
+  monkeypatch.setattr(os, 'geteuid', lambda: 1000)  # not root: no apt-get
+  monkeypatch.setenv('PATH', str(tmp_path))  # no g++ or c++
+  monkeypatch.delenv('CXX', raising=False)
+  with pytest.raises(bootstrap.MissingCompiler) as e:
+    bootstrap.cxx()
+  assert 'sudo apt-get install -y g++' in str(e.value) and '\n' not in str(e.value)

@@ -58,3 +58,17 @@ def smoke_run(tmp_path_factory):
   """A workdir trained with the smoke config by `python -m launch.train`, as a user runs it."""
   return built_once(tmp_path_factory, 'smoke', lambda workdir: run(
       ['-m', 'launch.train', '--config=configs/shakespeare.py:smoke', f'--workdir={workdir}']))
+
+
+@pytest.fixture
+def kernels(request):
+  """fused_lstm's gate kernels for a test parametrized indirectly over 'xla' and 'cc'.
+
+  'cc' compiles pipeline/kernels/cell.cc on first use, so it needs a C++
+  compiler: bootstrap.cxx() installs g++ with apt-get when there is none (as
+  chromium() does for the browser test), or fails the test in one line.
+  """
+  if request.param == 'cc':
+    from pipeline.cloud import bootstrap  # pylint: disable=g-import-not-at-top
+    bootstrap.cxx()
+  return request.param

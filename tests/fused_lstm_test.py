@@ -25,7 +25,7 @@ def _inputs(layers, seed=0, b=B):
   return x, h, c, y
 
 
-KERNELS = pytest.mark.parametrize('kernels', ['xla', 'cc'])  # pipeline.kernels.cell
+KERNELS = pytest.mark.parametrize('kernels', ['xla', 'cc'], indirect=True)  # conftest.kernels
 
 
 def _loss_and_grads(models, fused, x, h, c, y, noise=(), chains=1, kernels='xla'):

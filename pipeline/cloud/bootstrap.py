@@ -73,6 +73,10 @@ class MissingBrowser(errors.Error):
   """The browser test's Chromium is missing and cannot be installed from here."""
 
 
+class MissingCompiler(errors.Error):
+  """The C++ gate op's tests need a compiler, and none can be installed from here."""
+
+
 def say(message):
   print(f'charlstm: {message}', file=sys.stderr, flush=True)
 
@@ -267,28 +271,49 @@ def exec_module(module, args=(), venv=None):
   os.execve(python, argv, _env())
 
 
+def _apt_install(package, present, how, missing):
+  """`apt-get install -y package` (refreshing the lists once) if we are root; else raises."""
+  if os.name != 'posix' or os.geteuid() != 0 or not shutil.which('apt-get'):
+    raise missing(f'{how} (Debian/Ubuntu), then re-run.')
+  env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+  install = ['apt-get', 'install', '-y', '-q', package]
+  say(f'running `{" ".join(install)}`: {how.split(": run")[0]} ...')
+  code = subprocess.call(install, env=env)
+  if code:  # stale or missing package lists: refresh them once and retry
+    subprocess.call(['apt-get', 'update', '-q'], env=env)
+    code = subprocess.call(install, env=env)
+  if code or not present():
+    raise missing(f'`{" ".join(install)}` failed (exit {code}); {how.split(": run")[0]}. '
+                  'Install it by hand, then re-run.')
+
+
 def chromium(path=CHROMIUM):
   """Returns `path`, after `apt-get install -y chromium` if it is missing and we are root.
 
   Raises MissingBrowser (one line: how to install it) when it is missing and
   cannot be installed here.
   """
-  if os.path.exists(path):
-    return path
-  how = f'the browser test needs Chromium at {path}: run `sudo apt-get install -y chromium`'
-  if os.name != 'posix' or os.geteuid() != 0 or not shutil.which('apt-get'):
-    raise MissingBrowser(f'{how} (Debian/Ubuntu), then re-run.')
-  env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
-  install = ['apt-get', 'install', '-y', '-q', 'chromium']
-  say(f'{path} is missing; running `{" ".join(install)}` for the browser test ...')
-  code = subprocess.call(install, env=env)
-  if code:  # stale or missing package lists: refresh them once and retry
-    subprocess.call(['apt-get', 'update', '-q'], env=env)
-    code = subprocess.call(install, env=env)
-  if code or not os.path.exists(path):
-    raise MissingBrowser(f'`{" ".join(install)}` failed (exit {code}), and the browser test '
-                         f'needs Chromium at {path}; install it by hand, then re-run.')
+  if not os.path.exists(path):
+    _apt_install('chromium', lambda: os.path.exists(path),
+                 f'the browser test needs Chromium at {path}: run '
+                 '`sudo apt-get install -y chromium`', MissingBrowser)
   return path
+
+
+def cxx():
+  """The C++ compiler pipeline/kernels/cell.py would use, after `apt-get install -y g++` if none.
+
+  Training falls back to XLA kernels without one; the tests of the C++ gate
+  op need it, so they call this (as the browser test calls chromium()).
+  Raises MissingCompiler (one line) when none is found and none can be installed.
+  """
+  def found():
+    return next((shutil.which(n) for n in (os.environ.get('CXX'), 'g++', 'c++')
+                 if n and shutil.which(n)), None)
+  if not found():
+    _apt_install('g++', found, 'the C++ gate op tests need a C++ compiler: run '
+                 '`sudo apt-get install -y g++`', MissingCompiler)
+  return found()
 
 
 def ensure_chromium():
