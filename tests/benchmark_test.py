@@ -16,7 +16,7 @@ from pipeline.bench import cases
 from pipeline.bench import speed
 from tests.conftest import run
 
-TRAIN = ['a', 'b', 'c', 'd1', 'd2', 'd3', 'a16', 'm']
+TRAIN = ['a', 'b', 'c', 'd1', 'd2', 'd3', 'd4', 'a16', 'm']
 SAMPLE = ['e', 'f', 'g', 'h']
 
 

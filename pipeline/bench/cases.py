@@ -121,17 +121,18 @@ class Setup:
                            self.config.runtime.precision)
 
 
-def charlstm_case(s, key, label, *, steps_per_loop, jit, fused, precision=None):
+def charlstm_case(s, key, label, *, steps_per_loop, jit, fused, precision=None, kernels=None):
   """Case a, a16 or d: pipeline.steps' train loop, set up by steps.setup as pipeline.train does.
 
   The case's config is the size's with these train settings (and precision,
   if given); shuffle mode (every window from zero state, as in b and c), and
-  the weights of `config.seed`.
+  the weights of `config.seed`. kernels: train.cell_kernels, if given.
   """
   config = config_lib.override(copy.deepcopy(s.config), **{
       'train.steps_per_loop': steps_per_loop, 'train.jit_compile': jit,
       'train.fused_lstm': fused, 'data.mode': 'shuffle',
-      'runtime.precision': precision or s.config.runtime.precision})
+      'runtime.precision': precision or s.config.runtime.precision,
+      'train.cell_kernels': kernels or s.config.train.cell_kernels})
   training = steps_lib.setup(config, s.strategy, s.vocab)
   loops = training.loops
   iterator = iter(s.strategy.distribute_datasets_from_function(s.dataset))
@@ -145,6 +146,7 @@ def charlstm_case(s, key, label, *, steps_per_loop, jit, fused, precision=None):
   case = Case(key, label, 'train', _timed(train), s.b * s.t)
   case.models = training.models  # exported for the sampling cases
   case.xla_loop = training.jit_mode == 'loop'  # XLA compiles one program per loop length
+  case.kernels = training.loops.kernels  # the fused LSTM's gate kernels: 'cc' or 'xla'
   return case
 
 

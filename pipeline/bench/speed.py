@@ -15,6 +15,7 @@ Per model size (LSTM layers x H units, batch B, windows of T chars, float32):
     c  the seed post's way: model.fit on a Python generator of one-hot numpy
        windows, batch size 1, Adam, no clipping (the same layers and sizes);
     d  variants of a: steps_per_loop=1; XLA toggled; Keras's own LSTM gradient;
+       the XLA gate kernels instead of the C++ op (train.cell_kernels=xla);
     a16 a in bfloat16 (runtime.precision=bfloat16: the fused LSTM's matmuls on
        bfloat16 operands; float32, and labelled so, on a CPU without bf16);
     m  a's matmuls alone, at a's shapes and chains, with no gate math, loss or
@@ -99,6 +100,8 @@ def measure_size(config, corpus, strategy, *, rounds, seconds, workdir, numerics
       charlstm('d2', f'a with XLA {"off" if jit else "on"}', jit=not jit),
       charlstm('d3', 'a with ' + ("Keras's LSTM loop (fused_lstm=False)" if fused
                                   else 'fused_lstm=True'), fused=not fused),
+      charlstm('d4', 'a with XLA gate kernels' + (' (as a)' if a.kernels == 'xla' else ''),
+               kernels='xla'),
       (a16 := charlstm('a16', 'a in bfloat16 (bfloat16 matmuls)', precision='bfloat16')),
       cases_lib.matmul_case(s, jit=a.xla_loop),
   ]
