@@ -109,7 +109,7 @@ def test_locked_config_rejects_unknown_attribute():
 @pytest.mark.parametrize('key, value', [('data.mode', 'random'), ('data.seq_length', 0),
                                         ('data.val_fraction', 0.0), ('train.log_every', 0),
                                         ('runtime.strategy', 'ipu'), ('train.weight_decay', -0.1),
-                                        ('train.lstm_chains', -1)])
+                                        ('train.lstm_chains', -1), ('train.cell_kernels', 'c')])
 def test_finalize_rejects_invalid_values(key, value):
   config = config_lib.override(config_lib.base_config(), **{key: value})
   with pytest.raises(config_lib.ConfigError) as e:
