@@ -2,8 +2,9 @@
 
 pipeline.fused_lstm runs one small gate kernel per chain per time step, 400
 per train step at T=100. As XLA kernels they cost more than their arithmetic
-(a dozen fusions per call); the C++ op made the fused LSTM's forward +
-backward 1.13-1.15x faster in float32 and 1.18-1.28x in bfloat16 (BUILD.md).
+(a dozen fusions per call); the C++ op made the whole train step 1.10-1.23x
+faster in float32 and 1.17-1.29x in bfloat16 (H=512 and 256, same-process
+A/B; BUILD.md; bench row d4 measures it in every run).
 
 `load()` compiles cell.cc with $CXX (else g++, else c++) against this
 interpreter's TensorFlow headers (tf.sysconfig) with -O3 -march=native, into
@@ -161,6 +162,6 @@ def resolve(kind):
     if not _state.get('warned'):
       _state['warned'] = True
       logging.warning('kernels.cell: %s Training runs the XLA gate kernels instead: the same '
-                      'math, about 1.15x slower (1.25x in bfloat16).', e)
+                      'math, 1.1-1.3x slower.', e)
     return 'xla'
   return 'cc'
