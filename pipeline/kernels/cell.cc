@@ -4,9 +4,9 @@
 //
 // Why not XLA: each step of the train step's recurrence calls one small
 // kernel per chain, 400 calls per train step at T=100. An XLA call runs a
-// dozen fusions, each its own thunk, and cost 66 us (H=256) to 161 us
+// dozen fusions, each its own thunk, and cost 67 us (H=256) and 166 us
 // (H=512) per forward + backward pair at 32 rows; these loops, one pass over
-// each row with Eigen's vectorised tanh and logistic, 45 and 67 us
+// each row with Eigen's vectorised tanh and logistic, 38 and 54 us
 // (BUILD.md, "The gate math as a C++ op").
 //
 // The math and the dtypes are the XLA kernels': z and the cell state c are
