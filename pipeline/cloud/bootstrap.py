@@ -271,19 +271,23 @@ def exec_module(module, args=(), venv=None):
   os.execve(python, argv, _env())
 
 
-def _apt_install(package, present, how, missing):
-  """`apt-get install -y package` (refreshing the lists once) if we are root; else raises."""
+def _apt_install(package, present, need, missing):
+  """`apt-get install -y package` (refreshing the lists once) if we are root; else raises.
+
+  need: what wants the package, for the messages; missing: the error class.
+  """
   if os.name != 'posix' or os.geteuid() != 0 or not shutil.which('apt-get'):
-    raise missing(f'{how} (Debian/Ubuntu), then re-run.')
+    raise missing(f'{need}: run `sudo apt-get install -y {package}` (Debian/Ubuntu), '
+                  'then re-run.')
   env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
   install = ['apt-get', 'install', '-y', '-q', package]
-  say(f'running `{" ".join(install)}`: {how.split(": run")[0]} ...')
+  say(f'running `{" ".join(install)}`: {need} ...')
   code = subprocess.call(install, env=env)
   if code:  # stale or missing package lists: refresh them once and retry
     subprocess.call(['apt-get', 'update', '-q'], env=env)
     code = subprocess.call(install, env=env)
   if code or not present():
-    raise missing(f'`{" ".join(install)}` failed (exit {code}); {how.split(": run")[0]}. '
+    raise missing(f'`{" ".join(install)}` failed (exit {code}); {need}. '
                   'Install it by hand, then re-run.')
 
 
@@ -295,8 +299,7 @@ def chromium(path=CHROMIUM):
   """
   if not os.path.exists(path):
     _apt_install('chromium', lambda: os.path.exists(path),
-                 f'the browser test needs Chromium at {path}: run '
-                 '`sudo apt-get install -y chromium`', MissingBrowser)
+                 f'the browser test needs Chromium at {path}', MissingBrowser)
   return path
 
 
@@ -307,13 +310,12 @@ def cxx():
   op need it, so they call this (as the browser test calls chromium()).
   Raises MissingCompiler (one line) when none is found and none can be installed.
   """
-  def found():
-    return next((shutil.which(n) for n in (os.environ.get('CXX'), 'g++', 'c++')
-                 if n and shutil.which(n)), None)
-  if not found():
-    _apt_install('g++', found, 'the C++ gate op tests need a C++ compiler: run '
-                 '`sudo apt-get install -y g++`', MissingCompiler)
-  return found()
+  # Imported here: it imports TensorFlow, and this module must not (see the docstring).
+  from pipeline.kernels import cell  # pylint: disable=g-import-not-at-top
+  if not cell.find_compiler():
+    _apt_install('g++', cell.find_compiler, 'the C++ gate op tests need a C++ compiler',
+                 MissingCompiler)
+  return cell.find_compiler()
 
 
 def ensure_chromium():

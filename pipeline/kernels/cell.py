@@ -80,10 +80,16 @@ def cache_dir():
   return os.path.join(os.path.expanduser('~'), '.cache', 'charlstm-ops')
 
 
+def find_compiler():
+  """The C++ compiler a build would use ($CXX, else g++, else c++), or None."""
+  return next((shutil.which(name) for name in (os.environ.get('CXX'), 'g++', 'c++')
+               if name and shutil.which(name)), None)
+
+
 def _compiler():
-  for name in (os.environ.get('CXX'), 'g++', 'c++'):
-    if name and shutil.which(name):
-      return shutil.which(name)
+  cxx = find_compiler()
+  if cxx:
+    return cxx
   raise BuildError(f'no C++ compiler: $CXX is {os.environ.get("CXX")!r} and neither g++ nor '
                    'c++ is on PATH. Install one (Debian: apt-get install g++), or set '
                    '--config.train.cell_kernels=xla.')
