@@ -17,7 +17,10 @@ the way cuDNN does:
   whatever train.jit_compile says: a C++ op compiled for this CPU
   (pipeline.kernels.cell, kernels='cc') or an XLA kernel (kernels='xla', and
   inside XLA-compiled steps); it is part of this op, as cuDNN's kernels are
-  part of Keras's GPU LSTM;
+  part of Keras's GPU LSTM; in float32 with kernels='cc' the whole loop,
+  recurrent matmuls included, is one C++ op per pass (kernels/sequence.cc:
+  the per-step TensorFlow ops around the matmuls cost as much as the
+  matmuls at H=256);
   and the batch rows run as `chains` independent recurrences in the same loop
   (train.lstm_chains; one per CPU core by default), so each core multiplies
   its own block of rows: at B=64 one (B, H) x (H, 4H) matmul is too small to
@@ -135,6 +138,48 @@ def chains_for(batch, chains=0):
   return chains if batch % chains == 0 else 1
 
 
+def _project(x_rows, w_x, b, input_grad):
+  """Each block of rows times W_x, plus b, in float32: (rows, 4H) per block.
+
+  For the first layer (input_grad=False) one-hot rows (the data) project by
+  a gather of (W_x + b)'s rows: the same values as the matmul (one 1 and
+  zeros), and at H=512 the K=V matmul took ~10 ms per chain per step, the
+  gather a pass over its output. Inputs that are not exactly one-hot take
+  the matmul.
+  """
+  def matmul(rows):
+    return tf.cast(tf.matmul(tf.cast(rows, w_x.dtype), w_x), tf.float32) + b
+  if input_grad:
+    return [matmul(r) for r in x_rows]
+  d = w_x.shape[0]
+  ids = [tf.argmax(rows, 1, output_type=tf.int32) for rows in x_rows]
+  one_hot = tf.reduce_all([tf.reduce_all(tf.equal(rows, tf.one_hot(i, d, dtype=rows.dtype)))
+                           for rows, i in zip(x_rows, ids)])
+  table = w_x + b
+  return [tf.cond(one_hot, lambda i=i: tf.gather(table, i), lambda r=r: matmul(r))
+          for r, i in zip(x_rows, ids)]
+
+
+def _weight_grads(x_rows, h_prev, dz_rows, input_grad, w_x):
+  """(d_w_x, d_w_h, d_b, dx rows or None) over all rows, each block its own matmul.
+
+  Blocks are chains (per-step path) or the whole batch (the C++ recurrence);
+  their products are summed in float32.
+  """
+  def summed(products):
+    return tf.add_n([tf.cast(p, tf.float32) for p in products])
+  d_w_h = summed(tf.matmul(h, dz, transpose_a=True) for h, dz in zip(h_prev, dz_rows))
+  # d_b rides in d_w_x's matmul as a column of ones beside x: a reduce_sum
+  # over the (T * B/k, 4H) rows (and, in bfloat16, their cast to float32)
+  # took 5-11 ms per chain per step at H=512, the matmul's extra row ~0.
+  ones = tf.ones([tf.shape(x_rows[0])[0], 1], dz_rows[0].dtype)
+  d_w_xb = summed(tf.matmul(tf.concat([r, ones], 1), dz, transpose_a=True)
+                  for r, dz in zip(x_rows, dz_rows))
+  d = w_x.shape[0]
+  dx = [tf.matmul(dz, w_x, transpose_b=True) for dz in dz_rows] if input_grad else None
+  return d_w_xb[:d], d_w_h, d_w_xb[d], dx
+
+
 def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, chains=1,
                   kernels='xla'):
   """Runs an LSTM over x with Keras's gate layout (i, f, g, o); a fused gradient.
@@ -169,6 +214,13 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
   Returns:
     (outputs (B, T, H) in x's dtype, h_T (B, H) float32, c_T (B, H) float32).
   """
+  if kernels == 'cc' and x.dtype == tf.float32:
+    return _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chains)
+  return _per_step(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chains, kernels)
+
+
+def _per_step(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chains, kernels):
+  """lstm_sequence as a tf.while_loop: per step, one matmul and one gate kernel per chain."""
   md = x.dtype  # the matmuls' dtype
   f32 = tf.float32
   k = chains
@@ -184,22 +236,7 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
     # Chain j owns rows [j B/k, (j+1) B/k); each keeps its own arrays, and its
     # input projection is its own matmul, so no pass over (T, B, 4H) splits one.
     x_rows = [tf.reshape(p, [-1, d]) for p in tf.split(tf.transpose(x, [1, 0, 2]), k, axis=1)]
-    b32 = tf.cast(b, f32)
-    def project(rows):
-      return tf.cast(tf.matmul(tf.cast(rows, xd), w_x_m), f32) + b32
-    if not input_grad:
-      # One-hot rows (the data) project by a gather of (W_x + b)'s rows: the
-      # same values as the matmul (one 1 and zeros), and at H=512 the K=V
-      # matmul took ~10 ms per chain per step, the gather a pass over its
-      # output. Inputs that are not exactly one-hot take the matmul.
-      ids = [tf.argmax(rows, 1, output_type=tf.int32) for rows in x_rows]
-      one_hot = tf.reduce_all([tf.reduce_all(tf.equal(rows, tf.one_hot(i, d, dtype=rows.dtype)))
-                               for rows, i in zip(x_rows, ids)])
-      table = w_x_m + b32
-      projected = [tf.cond(one_hot, lambda i=i: tf.gather(table, i), lambda r=r: project(r))
-                   for r, i in zip(x_rows, ids)]
-    else:
-      projected = [project(r) for r in x_rows]
+    projected = _project(x_rows, w_x_m, tf.cast(b, f32), input_grad)
     # Read per step as xz[j][t]: a slice along the first axis aliases the
     # array (TensorFlow's StridedSlice fast path), where TensorArray.unstack
     # copied every step's block up front (7 ms per chain per step, H=256).
@@ -258,24 +295,52 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
       h_prev = [tf.reshape(tf.concat([h[None], hs[:-1]], 0), [-1, hid])
                 for h, hs in zip(tf.split(h0_m, k), h_stacks)]
 
-      def summed(products):  # over the chains, in float32
-        return tf.add_n([tf.cast(p, f32) for p in products])
-      d_w_h = summed(tf.matmul(h, dz, transpose_a=True) for h, dz in zip(h_prev, dz_rows))
-      # d_b rides in d_w_x's matmul as a column of ones beside x: a reduce_sum
-      # over the (T * B/k, 4H) rows (and, in bfloat16, their cast to float32)
-      # took 5-11 ms per chain per step at H=512, the matmul's extra row ~0.
-      ones = tf.ones([tf.shape(x_rows[0])[0], 1], md)
-      d_w_xb = summed(tf.matmul(tf.concat([r, ones], 1), dz, transpose_a=True)
-                      for r, dz in zip(x_rows, dz_rows))
-      d_w_x, d_b = d_w_xb[:d], d_w_xb[d]
-      dx = None
-      if input_grad:
-        dx = tf.transpose(tf.concat([tf.reshape(tf.matmul(dz, w_x_m, transpose_b=True),
-                                                [t_len, -1, d]) for dz in dz_rows], 1), [1, 0, 2])
+      d_w_x, d_w_h, d_b, dx = _weight_grads(x_rows, h_prev, dz_rows, input_grad, w_x_m)
+      if dx is not None:
+        dx = tf.transpose(tf.concat([tf.reshape(p, [t_len, -1, d]) for p in dx], 1), [1, 0, 2])
       return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), tf.cast(d_w_x, w_x.dtype),
               tf.cast(d_w_h, w_h.dtype), tf.cast(d_b, b.dtype))
 
     return (tf.transpose(h_all, [1, 0, 2]), h_t, c_t), grad
+
+  return run(x, h0, c0, kernel, recurrent_kernel, bias)
+
+
+def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chains):
+  """lstm_sequence in float32 with kernels='cc': the recurrence is one C++ op per pass.
+
+  pipeline/kernels/sequence.cc runs the time loop, the recurrent matmuls and
+  the gate math of every chain (one thread each) in one call forward and one
+  backward; what is left here is the input projection and the weight
+  gradients, one matmul each over all T * B rows (time-major).
+  """
+  ops = cell_kernels.load()
+  f32 = tf.float32
+
+  @tf.custom_gradient
+  def run(x, h0, c0, w_x, w_h, b):
+    d, hid = x.shape[-1], w_h.shape[0]
+    t_len, batch = tf.shape(x)[1], tf.shape(x)[0]
+    x_rows = tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, d])
+    xz = tf.reshape(_project([x_rows], w_x, tf.cast(b, f32), input_grad)[0],
+                    [t_len, batch, 4 * hid])
+    h0, c0 = tf.cast(h0, f32), tf.cast(c0, f32)
+    hs, cs, zs = ops.charlstm_sequence_forward(xz, w_h, h0, c0, chains=chains)
+
+    def grad(d_outputs, d_h_t, d_c_t):
+      d_out = tf.transpose(tf.cast(d_outputs, f32), [1, 0, 2])
+      dh_last = tf.zeros_like(h0) if d_h_t is None else tf.cast(d_h_t, f32)
+      dc_last = tf.zeros_like(c0) if d_c_t is None else tf.cast(d_c_t, f32)
+      dzs, dh0, dc0 = ops.charlstm_sequence_backward(zs, cs, d_out, c0, dh_last, dc_last, w_h,
+                                                     chains=chains)
+      h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, hid])
+      d_w_x, d_w_h, d_b, dx = _weight_grads(
+          [x_rows], [h_prev], [tf.reshape(dzs, [-1, 4 * hid])], input_grad, w_x)
+      if dx is not None:
+        dx = tf.transpose(tf.reshape(dx[0], [t_len, batch, d]), [1, 0, 2])
+      return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), d_w_x, d_w_h, d_b)
+
+    return (tf.transpose(hs, [1, 0, 2]), hs[-1], cs[-1]), grad
 
   return run(x, h0, c0, kernel, recurrent_kernel, bias)
 

@@ -94,9 +94,9 @@ def test_asking_for_cc_in_an_xla_compiled_step_is_a_one_line_error(tmp_path):
   assert 'XLA-compiled' in lines[0] and 'jit_compile=false' in lines[0]
 
 
-def _gate_ops(kernels):
+def _gate_ops(kernels, precision='float32'):
   """The op types in the graph of a fused train-step-like function, nested functions included."""
-  models = model_lib.build(11, 8, 1, 5)
+  models = model_lib.build(11, 8, 1, 5, precision)
   x = tf.one_hot(np.arange(20).reshape(4, 5) % 11, 11)
   zeros = tf.zeros([4, 1, 8])
 
@@ -111,10 +111,45 @@ def _gate_ops(kernels):
   return {n.op for n in nodes}
 
 
+_CELL = {'CharlstmCellForward', 'CharlstmCellBackward'}
+_SEQUENCE = {'CharlstmSequenceForward', 'CharlstmSequenceBackward'}
+
+
 def test_the_cc_kernels_replace_the_xla_ones_in_the_traced_step():
-  cc, xla = _gate_ops('cc'), _gate_ops('xla')
-  assert {'CharlstmCellForward', 'CharlstmCellBackward'} <= cc
-  assert not {'CharlstmCellForward', 'CharlstmCellBackward'} & xla
+  # float32: the whole recurrence is one op per pass; bfloat16 keeps the
+  # per-step loop (its matmuls are oneDNN's bfloat16 ones) with the gate op.
+  cc, cc16, xla = _gate_ops('cc'), _gate_ops('cc', 'bfloat16'), _gate_ops('xla')
+  assert _SEQUENCE <= cc and not _CELL & cc and 'While' not in cc
+  assert _CELL <= cc16 and not _SEQUENCE & cc16
+  assert not (_CELL | _SEQUENCE) & xla
+
+
+def _sequence_outputs(kernels, input_grad, h=72, b=16, t=9, v=11, chains=2):
+  """lstm_sequence's outputs and gradients (w.r.t. x too where input_grad) on random data."""
+  rng = np.random.default_rng(1)
+  x = (tf.constant(rng.normal(size=(b, t, v)), tf.float32) if input_grad
+       else tf.one_hot(rng.integers(v, size=(b, t)), v))
+  w_x, w_h = (tf.constant(rng.normal(size=(d, 4 * h)) * 0.3, tf.float32) for d in (v, h))
+  bias = tf.constant(rng.normal(size=(4 * h,)), tf.float32)
+  h0, c0 = (tf.constant(rng.normal(size=(b, h)), tf.float32) for _ in range(2))
+  d_out = tf.constant(rng.normal(size=(b, t, h)), tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch([x, h0, c0, w_x, w_h, bias])
+    out, h_t, c_t = fused_lstm.lstm_sequence(x, h0, c0, w_x, w_h, bias, input_grad=input_grad,
+                                             chains=chains, kernels=kernels)
+    loss = tf.reduce_sum(out * d_out) + tf.reduce_sum(h_t * h_t) + tf.reduce_sum(c_t)
+  grads = tape.gradient(loss, [x, h0, c0, w_x, w_h, bias])
+  return [out, h_t, c_t] + [g for g in grads if g is not None]
+
+
+@pytest.mark.parametrize('input_grad', [False, True])
+def test_the_whole_sequence_op_matches_the_per_step_loop(input_grad):
+  # H=72: whole packets and a partial one forward, a partial 4-packet panel
+  # backward; 8 rows per chain: a full row tile and a smaller one.
+  cc, xla = _sequence_outputs('cc', input_grad), _sequence_outputs('xla', input_grad)
+  assert len(cc) == len(xla) == (9 if input_grad else 8)
+  for got, want in zip(cc, xla):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_the_kernels_check_their_shapes():
@@ -124,15 +159,27 @@ def test_the_kernels_check_their_shapes():
   with pytest.raises(tf.errors.InvalidArgumentError, match="must have c's shape"):
     ops.charlstm_cell_backward(tf.zeros([2, 12]), *[tf.zeros([2, 3])] * 3, tf.zeros([3, 3]),
                                tf.zeros([2, 3]))
+  state = tf.zeros([4, 3])
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'W_h \(H, 4H\).*do not match'):
+    ops.charlstm_sequence_forward(tf.zeros([5, 4, 12]), tf.zeros([3, 8]), state, state, chains=2)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='chains must divide the batch'):
+    ops.charlstm_sequence_forward(tf.zeros([5, 4, 12]), tf.zeros([3, 12]), state, state, chains=3)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'h0 has shape \[4,2\]'):
+    ops.charlstm_sequence_forward(tf.zeros([5, 4, 12]), tf.zeros([3, 12]), tf.zeros([4, 2]),
+                                  state, chains=2)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'd_out has shape \[4,3\]'):
+    ops.charlstm_sequence_backward(tf.zeros([5, 4, 12]), tf.zeros([5, 4, 3]), state, state,
+                                   state, state, tf.zeros([3, 12]), chains=1)
 
 
-def test_the_fused_gradient_with_cc_kernels_is_bitwise_repeatable():
+@pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])  # the sequence op; the cell op
+def test_the_fused_gradient_with_cc_kernels_is_bitwise_repeatable(dtype):
   # Exact resume needs every run of a step to give the same bits wherever its
   # buffers happen to be allocated (Eigen's array code computes the unaligned
   # head of a buffer with its scalar tanh, which differs in the last bit).
   h, b, t, v = 72, 8, 16, 11  # 72 columns: whole packets and a partial one
   rng = np.random.default_rng(0)
-  x = tf.one_hot(rng.integers(v, size=(b, t)), v)
+  x = tf.one_hot(rng.integers(v, size=(b, t)), v, dtype=dtype)
   w_x, w_h = (tf.constant(rng.normal(size=(d, 4 * h)), tf.float32) for d in (v, h))
   bias, zeros = tf.zeros([4 * h]), tf.zeros([b, h])
 
@@ -142,7 +189,7 @@ def test_the_fused_gradient_with_cc_kernels_is_bitwise_repeatable():
       tape.watch([w_x, w_h, bias])
       out, _, c = fused_lstm.lstm_sequence(x, zeros, zeros, w_x, w_h, bias, input_grad=False,
                                            chains=2, kernels='cc')
-      loss = tf.reduce_sum(out * out) + tf.reduce_sum(c)
+      loss = tf.reduce_sum(tf.cast(out, tf.float32) ** 2) + tf.reduce_sum(c)
     return [out] + tape.gradient(loss, [w_x, w_h, bias])
   first = [a.numpy() for a in run()]
   shifts = []

@@ -89,12 +89,13 @@ def test_submit_runs_what_the_dry_run_prints_and_the_staged_wheel_trains(gcs, tm
   site = pathlib.Path(subprocess.run(
       [str(venv / 'bin' / 'python'), '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'],
       check=True, capture_output=True, text=True).stdout.strip())
-  wanted = {p for p in execute.code_files() if p.endswith(('.py', '.txt.gz', '.cc'))}
+  wanted = {p for p in execute.code_files() if p.endswith(('.py', '.txt.gz', '.cc', '.h'))}
   installed = {str(p.relative_to(site)) for p in site.rglob('*')
-               if p.is_file() and p.suffix in ('.py', '.gz', '.cc') and '__pycache__' not in p.parts
+               if p.is_file() and p.suffix in ('.py', '.gz', '.cc', '.h') and '__pycache__' not in p.parts
                and not p.parts[len(site.parts)].endswith('.dist-info')}
   assert installed == wanted  # every module, config, bundled corpus and C++ op; nothing else
-  assert 'pipeline/kernels/cell.cc' in installed
+  assert {'pipeline/kernels/cell.cc', 'pipeline/kernels/sequence.cc',
+          'pipeline/kernels/packets.h'} <= installed
   # The TensorFlow and other dependencies come from the dev venv (no network here), added
   # after the fresh site-packages and without its .pth files, so its editable charlstm stays out.
   (site / 'deps.pth').write_text(sysconfig.get_path('purelib') + '\n')
@@ -118,8 +119,8 @@ def test_submit_runs_what_the_dry_run_prints_and_the_staged_wheel_trains(gcs, tm
       cwd=vm, env=env, capture_output=True, text=True, timeout=240)
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert 'Done at step 4: ' in trained.stdout
-  # A CPU VM builds the gate op from the wheel's source into its own venv.
-  assert 'fused_lstm: C++ gate kernels.' in trained.stderr, trained.stderr[-3000:]
+  # A CPU VM builds the C++ ops from the wheel's source into its own venv.
+  assert 'fused_lstm: C++ recurrence op.' in trained.stderr, trained.stderr[-3000:]
   assert list((venv / 'charlstm-ops').glob('cell-*.so'))
   saved = json.loads((tmp_path / 'workdir' / 'config.json').read_text())
   assert saved['model']['hidden_size'] == 64  # the smoke preset, rebuilt from the staged config.py

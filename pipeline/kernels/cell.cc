@@ -21,6 +21,7 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "packets.h"
 
 namespace {
 
@@ -28,79 +29,7 @@ using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
-
-// Every element goes through the same vector code. Eigen's array expressions
-// compute a buffer's first elements, up to its first aligned address, with
-// scalar tanh/logistic, which differ from the vector ones in the last bit:
-// results would depend on where a buffer happens to start, and a resumed run
-// would drift from an uninterrupted one. So the math is written on packets
-// (16 floats on AVX-512, 8 on AVX, 4 on SSE/NEON); a row's last partial
-// packet is padded, and loads and stores are exact copies.
-using Packet = Eigen::internal::packet_traits<float>::type;
-constexpr int64_t kLanes = Eigen::internal::unpacket_traits<Packet>::size;
-
-// bfloat16 packets of the same width where Eigen has the casts (AVX, AVX-512);
-// elsewhere bfloat16 is converted one value at a time (the same values).
-#if defined(EIGEN_VECTORIZE_AVX512) || defined(EIGEN_VECTORIZE_AVX)
-using BfPacket = Eigen::internal::packet_traits<Eigen::bfloat16>::type;
-constexpr bool kBfPackets = Eigen::internal::unpacket_traits<BfPacket>::size == kLanes;
-#else
-using BfPacket = Packet;
-constexpr bool kBfPackets = false;
-#endif
-
-template <typename T>
-Packet Load(const T* p, int64_t n) {
-  using Eigen::internal::pcast;
-  using Eigen::internal::ploadu;
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == kLanes) return ploadu<Packet>(p);
-    alignas(64) float buf[kLanes] = {};
-    std::copy(p, p + n, buf);
-    return ploadu<Packet>(buf);
-  } else if constexpr (kBfPackets) {
-    if (n == kLanes) return pcast<BfPacket, Packet>(ploadu<BfPacket>(p));
-    alignas(64) T buf[kLanes] = {};
-    std::copy(p, p + n, buf);
-    return pcast<BfPacket, Packet>(ploadu<BfPacket>(buf));
-  } else {
-    alignas(64) float buf[kLanes] = {};
-    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(p[k]);  // exact
-    return ploadu<Packet>(buf);
-  }
-}
-
-template <typename T>
-void Store(const Packet& v, T* p, int64_t n) {
-  using Eigen::internal::pcast;
-  using Eigen::internal::pstoreu;
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == kLanes) return pstoreu(p, v);
-    alignas(64) float buf[kLanes];
-    pstoreu(buf, v);
-    std::copy(buf, buf + n, p);
-  } else if constexpr (kBfPackets) {
-    if (n == kLanes) return pstoreu(p, pcast<Packet, BfPacket>(v));
-    alignas(64) T buf[kLanes];
-    pstoreu(buf, pcast<Packet, BfPacket>(v));
-    std::copy(buf, buf + n, p);
-  } else {
-    alignas(64) float buf[kLanes];
-    pstoreu(buf, v);
-    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<T>(buf[k]);  // to nearest even
-  }
-}
-
-inline Packet Sigmoid(const Packet& x) {
-  return Eigen::internal::scalar_logistic_op<float>().packetOp(x);
-}
-inline Packet Tanh(const Packet& x) { return Eigen::internal::ptanh(x); }
-inline Packet Add(const Packet& a, const Packet& b) { return Eigen::internal::padd(a, b); }
-inline Packet Sub(const Packet& a, const Packet& b) { return Eigen::internal::psub(a, b); }
-inline Packet Mul(const Packet& a, const Packet& b) { return Eigen::internal::pmul(a, b); }
-inline Packet OneMinus(const Packet& a) {
-  return Eigen::internal::psub(Eigen::internal::pset1<Packet>(1.0f), a);
-}
+using namespace charlstm;  // NOLINT: the packet helpers
 
 // Inputs are checked once here, not per row: a wrong shape would otherwise
 // read past a buffer. The Python wrapper always passes matching shapes.

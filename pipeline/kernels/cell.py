@@ -1,24 +1,30 @@
-"""The fused LSTM's gate math as a C++ op (cell.cc), compiled for this CPU at first use.
+"""The fused LSTM's C++ ops (cell.cc, sequence.cc), compiled for this CPU at first use.
 
-pipeline.fused_lstm runs one small gate kernel per chain per time step, 400
-per train step at T=100. As XLA kernels they cost more than their arithmetic
-(a dozen fusions per call); the C++ op made the whole train step 1.10-1.23x
-faster in float32 and 1.17-1.29x in bfloat16 (H=512 and 256, same-process
-A/B; BUILD.md; bench row d4 measures it in every run).
+pipeline.fused_lstm runs its recurrence with them where train.cell_kernels
+picks 'cc' (CPU, outside XLA):
+- float32: sequence.cc, each layer's whole recurrence (time loop, recurrent
+  matmuls, gate math) as one op forward and one backward, one thread per
+  chain. The train step ran 1.31x faster than with the per-step C++ gate
+  kernels at H=256 and 1.02x at H=512 (same-process A/B; BUILD.md).
+- bfloat16: cell.cc, the per-step gate math between oneDNN's bfloat16
+  matmuls. As XLA kernels these cost more than their arithmetic (a dozen
+  fusions per call, 400 calls per step at T=100); the C++ op made the train
+  step 1.17-1.29x faster (and float32 1.10-1.23x, before sequence.cc).
+Bench row d4 (the XLA kernels) measures the difference in every run.
 
-`load()` compiles cell.cc with $CXX (else g++, else c++) against this
-interpreter's TensorFlow headers (tf.sysconfig) with -O3 -march=native, into
-a cache directory: $CHARLSTM_OPS_DIR, else <venv>/charlstm-ops, else
+`load()` compiles both files into one binary with $CXX (else g++, else
+c++) against this interpreter's TensorFlow headers (tf.sysconfig) with -O3
+-march=native, into a cache directory: $CHARLSTM_OPS_DIR, else <venv>/charlstm-ops, else
 ~/.cache/charlstm-ops. The file name hashes everything the binary depends on
-(the source, TensorFlow's version and headers, the CPU's feature flags), so a
+(the sources, TensorFlow's version and headers, the CPU's feature flags), so a
 venv shared by different machines or TensorFlow versions keeps one binary per
-combination. One process compiles (about 7 s) while the others wait on a file
+combination. One process compiles (about 15 s) while the others wait on a file
 lock; the rest load the binary in milliseconds, compiler or not.
 
 Where it cannot be built (no compiler, no headers, another OS), `resolve`
-says so once and the XLA kernels run: the same math, slower. The op never
-reaches a SavedModel (the sampler's one-char step is plain TensorFlow ops) or
-an XLA-compiled step, so nothing but this process's train step depends on it.
+says so once and the XLA kernels run: the same math, slower. The ops never
+reach a SavedModel (the sampler's one-char step is plain TensorFlow ops) or
+an XLA-compiled step, so nothing but this process's train step depends on them.
 """
 
 import hashlib
@@ -35,7 +41,9 @@ import tensorflow as tf
 from pipeline import config
 from pipeline import errors
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cell.cc')
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(_HERE, name) for name in ('cell.cc', 'sequence.cc')]
+HEADERS = [os.path.join(_HERE, 'packets.h')]
 KINDS = config.CELL_KERNELS
 _COMPILE_TIMEOUT_S = 600
 # Tried in order: Eigen's AVX512-FP16 packet code fails to compile with GCC 12
@@ -63,8 +71,9 @@ def _cpu_flags():
 
 def _binary_name():
   key = hashlib.sha256()
-  with open(SOURCE, 'rb') as f:
-    key.update(f.read())
+  for path in SOURCES + HEADERS:
+    with open(path, 'rb') as f:
+      key.update(f.read())
   for part in (tf.__version__, tf.sysconfig.get_include(), platform.machine(), _cpu_flags(),
                *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()):
     key.update(part.encode() + b'\0')
@@ -103,7 +112,7 @@ def _compile(path):
   last = ''
   try:
     for arch in _ARCH_FLAGS:
-      cmd = [cxx, '-O3', *arch, '-shared', '-fPIC', '-w', SOURCE, '-o', tmp.name,
+      cmd = [cxx, '-O3', *arch, '-shared', '-fPIC', '-w', *SOURCES, '-o', tmp.name,
              *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
       done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S,
                             check=False)
@@ -115,7 +124,7 @@ def _compile(path):
   finally:
     if os.path.exists(tmp.name):
       os.remove(tmp.name)
-  raise BuildError(f'{os.path.basename(cxx)} could not compile {SOURCE}: {last[:300]} '
+  raise BuildError(f'{os.path.basename(cxx)} could not compile {" ".join(SOURCES)}: {last[:300]} '
                    'Set --config.train.cell_kernels=xla to train without it.')
 
 
@@ -142,7 +151,7 @@ def _build_and_load():
 
 
 def load():
-  """The compiled op's module (charlstm_cell_forward/backward); raises BuildError."""
+  """The compiled ops' module (charlstm_cell_*, charlstm_sequence_*); raises BuildError."""
   if 'module' not in _state and 'error' not in _state:
     try:
       _state['module'] = _build_and_load()

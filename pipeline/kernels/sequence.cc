@@ -1,0 +1,406 @@
+// The fused LSTM's whole recurrence, forward and backward, as two CPU
+// TensorFlow ops: the time loop, the recurrent matmul h_{t-1} W_h (forward)
+// and dz_{t+1} W_h^T (backward), and the gate math, in one kernel call per
+// layer per train step instead of ~15 TensorFlow ops per time step per chain.
+// pipeline/kernels/cell.py compiles it with cell.cc for the machine it runs on.
+//
+// Why: with the per-step ops, the matmuls ran near oneDNN's rate, but the
+// rest of each step (the gate kernels' dispatch, TensorArray reads and
+// writes, the while loop's control, the stacks afterwards) cost about as
+// much as the matmuls at H=256 (BUILD.md, "The recurrence as one op").
+//
+// How: the batch rows split into `chains` blocks, one per thread of the op's
+// intra-op pool; a chain's rows depend only on that chain's rows, so the
+// threads never wait for each other. W_h is repacked once per call into
+// panels that a register-blocked kernel (MR rows x 4 packets of
+// accumulators) streams through; the forward panel holds the same units of
+// all four gates, so a tile of z leaves the registers as finished h and c,
+// and the backward panel holds W_h^T's rows for a block of units, so a tile
+// of dh leaves as finished dz. Each output element is one fixed chain of
+// multiply-adds in k order, so results do not depend on threads or buffer
+// addresses: exact resume holds.
+//
+// The math is cell.cc's (the same packet functions, in the same order); the
+// difference from the per-step path is only rounding: z = xz + h W_h is
+// accumulated in one float32 chain instead of a matmul rounded to the
+// operand dtype and then added.
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/platform/blocking_counter.h"
+#include "tensorflow/core/platform/threadpool.h"
+#include "packets.h"
+
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using namespace charlstm;  // NOLINT: the packet helpers
+
+// MR rows x 4 packets of accumulators, the 4 packets of the panel's current
+// k and one broadcast must fit the vector registers (32 on AVX-512: MR = 6;
+// 16 on AVX/SSE/NEON: MR = 2).
+constexpr int kMaxRows = (EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS - 5) / 4;
+constexpr int64_t kPanel = 4 * kLanes;  // a panel's width, in floats per k
+
+// Forward panels: panel p holds units [p L, p L + L) of gates i, f, g, o for
+// every k: out[((p K + k) 4 + g) L + l] = w[k 4H + g H + p L + l], zero past H.
+void PackForward(const float* w, int64_t k_dim, int64_t h, float* out) {
+  for (int64_t p = 0; p * kLanes < h; ++p)
+    for (int64_t k = 0; k < k_dim; ++k)
+      for (int g = 0; g < 4; ++g)
+        for (int64_t l = 0; l < kLanes; ++l, ++out) {
+          const int64_t u = p * kLanes + l;
+          *out = u < h ? w[k * 4 * h + g * h + u] : 0.0f;
+        }
+}
+
+// Backward panels of W_h^T (4H x H): panel p holds units [p 4L, p 4L + 4L)
+// for every k in [0, 4H): out[(p 4H + k) 4L + u'] = w[(p 4L + u') 4H + k].
+void PackBackward(const float* w, int64_t h, float* out) {
+  for (int64_t p = 0; p * kPanel < h; ++p)
+    for (int64_t k = 0; k < 4 * h; ++k)
+      for (int64_t v = 0; v < kPanel; ++v, ++out) {
+        const int64_t u = p * kPanel + v;
+        *out = u < h ? w[u * 4 * h + k] : 0.0f;
+      }
+}
+
+// acc[r][v] += sum over k of a[r lda + k] * panel[k 4L + v L + lane].
+template <int MR>
+EIGEN_ALWAYS_INLINE void Dot(const float* a, int64_t lda, const float* panel, int64_t k_dim,
+                             Packet (&acc)[kMaxRows][4]) {
+  using Eigen::internal::pmadd;
+  using Eigen::internal::ploadu;
+  using Eigen::internal::pset1;
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const float* b = panel + k * kPanel;
+    const Packet b0 = ploadu<Packet>(b), b1 = ploadu<Packet>(b + kLanes),
+                 b2 = ploadu<Packet>(b + 2 * kLanes), b3 = ploadu<Packet>(b + 3 * kLanes);
+    for (int r = 0; r < MR; ++r) {
+      const Packet x = pset1<Packet>(a[r * lda + k]);
+      acc[r][0] = pmadd(x, b0, acc[r][0]);
+      acc[r][1] = pmadd(x, b1, acc[r][1]);
+      acc[r][2] = pmadd(x, b2, acc[r][2]);
+      acc[r][3] = pmadd(x, b3, acc[r][3]);
+    }
+  }
+}
+
+// One chain's arrays at one time step; pointers are to the chain's first row.
+struct ForwardStep {
+  const float* xz;      // (R, 4H) this step's input projection + bias
+  const float* h_prev;  // (R, H)
+  const float* c_prev;  // (R, H)
+  float* z;             // (R, 4H) out: pre-activations, for the backward
+  float* c;             // (R, H) out
+  float* h;             // (R, H) out
+};
+
+// Rows [r0, r0 + MR) of units [p L, p L + n): z, then c and h, from registers.
+template <int MR>
+void ForwardTile(const ForwardStep& s, const float* panels, int64_t h, int64_t r0, int64_t p) {
+  const int64_t u = p * kLanes, n = std::min(kLanes, h - u);
+  Packet acc[kMaxRows][4];
+  for (int r = 0; r < MR; ++r)
+    for (int g = 0; g < 4; ++g) acc[r][g] = Load(s.xz + (r0 + r) * 4 * h + g * h + u, n);
+  Dot<MR>(s.h_prev + r0 * h, h, panels + p * h * kPanel, h, acc);
+  for (int r = 0; r < MR; ++r) {
+    const int64_t row = r0 + r;
+    for (int g = 0; g < 4; ++g) Store(acc[r][g], s.z + row * 4 * h + g * h + u, n);
+    const Packet c = Add(Mul(Sigmoid(acc[r][1]), Load(s.c_prev + row * h + u, n)),
+                         Mul(Sigmoid(acc[r][0]), Tanh(acc[r][2])));
+    Store(c, s.c + row * h + u, n);
+    Store(Mul(Sigmoid(acc[r][3]), Tanh(c)), s.h + row * h + u, n);
+  }
+}
+
+struct BackwardStep {
+  const float* z;       // (R, 4H) this step's pre-activations
+  const float* c;       // (R, H) this step's cell state
+  const float* c_prev;  // (R, H)
+  const float* d_out;   // (R, H) dL/dh_t from the outputs
+  const float* dz_next; // (R, 4H) dL/dz_{t+1}, or null at the last step
+  const float* dh_last; // (R, H) dL/dh_T from outside, used at the last step only
+  float* dc;            // (R, H) in: dL/dc_t via c_{t+1}; out: dL/dc_{t-1}
+  float* dz;            // (R, 4H) out
+};
+
+// Rows [r0, r0 + MR) of units [p 4L, p 4L + 4L): dh = d_out + dz_{t+1} W_h^T,
+// then cell.cc's backward gate math on each packet of units.
+template <int MR>
+void BackwardTile(const BackwardStep& s, const float* panels, int64_t h, int64_t r0, int64_t p) {
+  Packet acc[kMaxRows][4];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 4; ++v) {
+      const int64_t u = p * kPanel + v * kLanes, n = std::clamp<int64_t>(h - u, 0, kLanes);
+      const int64_t at = (r0 + r) * h + u;
+      acc[r][v] = n ? Load(s.d_out + at, n) : Eigen::internal::pset1<Packet>(0.0f);
+      if (n && !s.dz_next) acc[r][v] = Add(acc[r][v], Load(s.dh_last + at, n));
+    }
+  if (s.dz_next) Dot<MR>(s.dz_next + r0 * 4 * h, 4 * h, panels + p * 4 * h * kPanel, 4 * h, acc);
+  for (int r = 0; r < MR; ++r) {
+    const int64_t row = r0 + r;
+    const float* z = s.z + row * 4 * h;
+    float* dz = s.dz + row * 4 * h;
+    for (int v = 0; v < 4; ++v) {
+      const int64_t j = p * kPanel + v * kLanes, n = std::min(kLanes, h - j);
+      if (n <= 0) break;
+      const int64_t at = row * h + j;
+      const Packet& dh = acc[r][v];
+      const Packet i = Sigmoid(Load(z + j, n));
+      const Packet f = Sigmoid(Load(z + h + j, n));
+      const Packet g = Tanh(Load(z + 2 * h + j, n));
+      const Packet o = Sigmoid(Load(z + 3 * h + j, n));
+      const Packet tanh_c = Tanh(Load(s.c + at, n));
+      const Packet dc = Add(Load(s.dc + at, n), Mul(Mul(dh, o), OneMinus(Mul(tanh_c, tanh_c))));
+      const Packet c_prev = Load(s.c_prev + at, n);
+      Store(Mul(Mul(Mul(dc, g), i), OneMinus(i)), dz + j, n);
+      Store(Mul(Mul(Mul(dc, c_prev), f), OneMinus(f)), dz + h + j, n);
+      Store(Mul(Mul(dc, i), OneMinus(Mul(g, g))), dz + 2 * h + j, n);
+      Store(Mul(Mul(Mul(dh, tanh_c), o), OneMinus(o)), dz + 3 * h + j, n);
+      Store(Mul(dc, f), s.dc + at, n);
+    }
+  }
+}
+
+// Calls tile<MR>(r0) over rows [0, rows): MR = kMaxRows, then smaller tiles.
+template <template <int> class Tile, typename... Args>
+void OverRows(int64_t rows, Args&&... args) {
+  int64_t r0 = 0;
+  for (; r0 + kMaxRows <= rows; r0 += kMaxRows) Tile<kMaxRows>::Run(r0, args...);
+  const int64_t left = rows - r0;
+  if constexpr (kMaxRows >= 6) {
+    if (left == 5) return Tile<5>::Run(r0, args...);
+    if (left == 4) return Tile<4>::Run(r0, args...);
+    if (left == 3) return Tile<3>::Run(r0, args...);
+  }
+  if constexpr (kMaxRows >= 2) {
+    if (left == 2) return Tile<2>::Run(r0, args...);
+  }
+  if (left == 1) Tile<1>::Run(r0, args...);
+}
+
+template <int MR>
+struct ForwardRows {
+  static void Run(int64_t r0, const ForwardStep& s, const float* panels, int64_t h, int64_t p) {
+    ForwardTile<MR>(s, panels, h, r0, p);
+  }
+};
+
+template <int MR>
+struct BackwardRows {
+  static void Run(int64_t r0, const BackwardStep& s, const float* panels, int64_t h, int64_t p) {
+    BackwardTile<MR>(s, panels, h, r0, p);
+  }
+};
+
+// Runs chain(j) for j in [0, chains): chain 0 on this thread, the others on
+// the op's intra-op pool.
+void ForChains(OpKernelContext* ctx, int64_t chains, const std::function<void(int64_t)>& chain) {
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  tensorflow::BlockingCounter done(static_cast<int>(chains - 1));
+  for (int64_t j = 1; j < chains; ++j) {
+    pool->Schedule([&chain, &done, j] {
+      chain(j);
+      done.DecrementCount();
+    });
+  }
+  chain(0);
+  done.Wait();
+}
+
+// Shapes are checked once here, not per step: a wrong one would read past a buffer.
+absl::Status CheckSequence(const Tensor& seq4, const Tensor& w_h, int64_t chains) {
+  if (seq4.dims() != 3 || w_h.dims() != 2 || w_h.dim_size(1) != 4 * w_h.dim_size(0) ||
+      seq4.dim_size(2) != w_h.dim_size(1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "charlstm sequence: the (T, B, 4H) input ", seq4.shape().DebugString(),
+        " and W_h (H, 4H) ", w_h.shape().DebugString(), " do not match"));
+  }
+  if (chains < 1 || seq4.dim_size(1) % chains) {
+    return absl::InvalidArgumentError("charlstm sequence: chains must divide the batch");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckState(const Tensor& t, int64_t t_len, int64_t batch, int64_t h,
+                        const char* name) {
+  const bool ok = t_len ? t.shape() == TensorShape({t_len, batch, h})
+                        : t.shape() == TensorShape({batch, h});
+  if (ok) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("charlstm sequence: ", name, " has shape ",
+                                                 t.shape().DebugString()));
+}
+
+class SequenceForward : public OpKernel {
+ public:
+  explicit SequenceForward(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("chains", &chains_));
+  }
+
+  // (xz (T, B, 4H), W_h (H, 4H), h0, c0 (B, H)) -> (hs, cs (T, B, H), zs (T, B, 4H)).
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& xz = ctx->input(0);
+    const Tensor& w_h = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckSequence(xz, w_h, chains_));
+    const int64_t t_len = xz.dim_size(0), batch = xz.dim_size(1), h = w_h.dim_size(0);
+    OP_REQUIRES_OK(ctx, CheckState(ctx->input(2), 0, batch, h, "h0"));
+    OP_REQUIRES_OK(ctx, CheckState(ctx->input(3), 0, batch, h, "c0"));
+    Tensor *hs, *cs, *zs, panels;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({t_len, batch, h}), &hs));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({t_len, batch, h}), &cs));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, xz.shape(), &zs));
+    const int64_t n_panels = (h + kLanes - 1) / kLanes;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                           TensorShape({n_panels * h * kPanel}), &panels));
+    float* packed = panels.flat<float>().data();
+    PackForward(w_h.flat<float>().data(), h, h, packed);
+    const float* xz_p = xz.flat<float>().data();
+    const float* h0 = ctx->input(2).flat<float>().data();
+    const float* c0 = ctx->input(3).flat<float>().data();
+    float* hs_p = hs->flat<float>().data();
+    float* cs_p = cs->flat<float>().data();
+    float* zs_p = zs->flat<float>().data();
+    const int64_t rows = batch / chains_;
+    ForChains(ctx, chains_, [&](int64_t j) {
+      const int64_t first = j * rows;
+      for (int64_t t = 0; t < t_len; ++t) {
+        const int64_t now = t * batch + first, before = (t - 1) * batch + first;
+        const ForwardStep s{xz_p + now * 4 * h,
+                            t ? hs_p + before * h : h0 + first * h,
+                            t ? cs_p + before * h : c0 + first * h,
+                            zs_p + now * 4 * h, cs_p + now * h, hs_p + now * h};
+        for (int64_t p = 0; p < n_panels; ++p) OverRows<ForwardRows>(rows, s, packed, h, p);
+      }
+    });
+  }
+
+ private:
+  int64_t chains_;
+};
+
+class SequenceBackward : public OpKernel {
+ public:
+  explicit SequenceBackward(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("chains", &chains_));
+  }
+
+  // (zs (T, B, 4H), cs, d_out (T, B, H), c0, dh_last, dc_last (B, H), W_h)
+  //   -> (dzs (T, B, 4H), dh0, dc0 (B, H)).
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& zs = ctx->input(0);
+    const Tensor& w_h = ctx->input(6);
+    OP_REQUIRES_OK(ctx, CheckSequence(zs, w_h, chains_));
+    const int64_t t_len = zs.dim_size(0), batch = zs.dim_size(1), h = w_h.dim_size(0);
+    const char* names[] = {"", "cs", "d_out", "c0", "dh_last", "dc_last"};
+    for (int i = 1; i < 6; ++i) {
+      OP_REQUIRES_OK(ctx, CheckState(ctx->input(i), i < 3 ? t_len : 0, batch, h, names[i]));
+    }
+    Tensor *dzs, *dh0, *dc0, panels;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, zs.shape(), &dzs));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({batch, h}), &dh0));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({batch, h}), &dc0));
+    const int64_t n_panels = (h + kPanel - 1) / kPanel;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                           TensorShape({n_panels * 4 * h * kPanel}), &panels));
+    float* packed = panels.flat<float>().data();
+    PackBackward(w_h.flat<float>().data(), h, packed);
+    const float* zs_p = zs.flat<float>().data();
+    const float* cs_p = ctx->input(1).flat<float>().data();
+    const float* d_out = ctx->input(2).flat<float>().data();
+    const float* c0 = ctx->input(3).flat<float>().data();
+    const float* dh_last = ctx->input(4).flat<float>().data();
+    float* dzs_p = dzs->flat<float>().data();
+    float* dh0_p = dh0->flat<float>().data();
+    float* dc = dc0->flat<float>().data();  // dL/dc, carried back step by step in place
+    std::copy_n(ctx->input(5).flat<float>().data(), batch * h, dc);
+    const int64_t rows = batch / chains_;
+    ForChains(ctx, chains_, [&](int64_t j) {
+      const int64_t first = j * rows;
+      for (int64_t t = t_len - 1; t >= 0; --t) {
+        const int64_t now = t * batch + first, before = (t - 1) * batch + first;
+        const BackwardStep s{zs_p + now * 4 * h, cs_p + now * h,
+                             t ? cs_p + before * h : c0 + first * h, d_out + now * h,
+                             t + 1 < t_len ? dzs_p + (now + batch) * 4 * h : nullptr,
+                             dh_last + first * h, dc + first * h, dzs_p + now * 4 * h};
+        for (int64_t p = 0; p < n_panels; ++p) OverRows<BackwardRows>(rows, s, packed, h, p);
+      }
+      // dL/dh0 = dz_0 W_h^T: the products alone, no gate math.
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t p = 0; p < n_panels; ++p) {
+          Packet acc[kMaxRows][4];
+          for (auto& a : acc[0]) a = Eigen::internal::pset1<Packet>(0.0f);
+          Dot<1>(dzs_p + (first + r) * 4 * h, 4 * h, packed + p * 4 * h * kPanel, 4 * h, acc);
+          for (int v = 0; v < 4; ++v) {
+            const int64_t u = p * kPanel + v * kLanes, n = std::min(kLanes, h - u);
+            if (n > 0) Store(acc[0][v], dh0_p + (first + r) * h + u, n);
+          }
+        }
+      }
+    });
+  }
+
+ private:
+  int64_t chains_;
+};
+
+}  // namespace
+
+REGISTER_OP("CharlstmSequenceForward")
+    .Input("xz: float")
+    .Input("w_h: float")
+    .Input("h0: float")
+    .Input("c0: float")
+    .Output("hs: float")
+    .Output("cs: float")
+    .Output("zs: float")
+    .Attr("chains: int >= 1")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* ctx) {
+      using tensorflow::shape_inference::ShapeHandle;
+      ShapeHandle xz, w_h;
+      TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(0), 3, &xz));
+      TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(1), 2, &w_h));
+      ShapeHandle state = ctx->MakeShape({ctx->Dim(xz, 0), ctx->Dim(xz, 1), ctx->Dim(w_h, 0)});
+      ctx->set_output(0, state);
+      ctx->set_output(1, state);
+      ctx->set_output(2, xz);
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("CharlstmSequenceBackward")
+    .Input("zs: float")
+    .Input("cs: float")
+    .Input("d_out: float")
+    .Input("c0: float")
+    .Input("dh_last: float")
+    .Input("dc_last: float")
+    .Input("w_h: float")
+    .Output("dzs: float")
+    .Output("dh0: float")
+    .Output("dc0: float")
+    .Attr("chains: int >= 1")
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* ctx) {
+      using tensorflow::shape_inference::ShapeHandle;
+      ShapeHandle zs, w_h;
+      TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(0), 3, &zs));
+      TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(6), 2, &w_h));
+      ctx->set_output(0, zs);
+      ShapeHandle state = ctx->Matrix(ctx->Dim(zs, 1), ctx->Dim(w_h, 0));
+      ctx->set_output(1, state);
+      ctx->set_output(2, state);
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("CharlstmSequenceForward").Device(tensorflow::DEVICE_CPU),
+                        SequenceForward);
+REGISTER_KERNEL_BUILDER(Name("CharlstmSequenceBackward").Device(tensorflow::DEVICE_CPU),
+                        SequenceBackward);
