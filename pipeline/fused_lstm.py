@@ -312,35 +312,36 @@ def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chain
   pipeline/kernels/sequence.cc runs the time loop, the recurrent matmuls and
   the gate math of every chain (one thread each) in one call forward and one
   backward; what is left here is the input projection and the weight
-  gradients, one matmul each over all T * B rows (time-major).
+  gradients, one matmul each over all B * T rows.
   """
   ops = cell_kernels.load()
   f32 = tf.float32
 
   @tf.custom_gradient
   def run(x, h0, c0, w_x, w_h, b):
+    # Batch-major throughout, as the layers around take and give it: the op
+    # strides over (B, T, *) rows, so nothing is transposed.
     d, hid = x.shape[-1], w_h.shape[0]
-    t_len, batch = tf.shape(x)[1], tf.shape(x)[0]
-    x_rows = tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, d])
+    batch, t_len = tf.shape(x)[0], tf.shape(x)[1]
+    x_rows = tf.reshape(x, [-1, d])
     xz = tf.reshape(_project([x_rows], w_x, tf.cast(b, f32), input_grad)[0],
-                    [t_len, batch, 4 * hid])
+                    [batch, t_len, 4 * hid])
     h0, c0 = tf.cast(h0, f32), tf.cast(c0, f32)
     hs, cs, zs = ops.charlstm_sequence_forward(xz, w_h, h0, c0, chains=chains)
 
     def grad(d_outputs, d_h_t, d_c_t):
-      d_out = tf.transpose(tf.cast(d_outputs, f32), [1, 0, 2])
       dh_last = tf.zeros_like(h0) if d_h_t is None else tf.cast(d_h_t, f32)
       dc_last = tf.zeros_like(c0) if d_c_t is None else tf.cast(d_c_t, f32)
-      dzs, dh0, dc0 = ops.charlstm_sequence_backward(zs, cs, d_out, c0, dh_last, dc_last, w_h,
-                                                     chains=chains)
-      h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, hid])
+      dzs, dh0, dc0 = ops.charlstm_sequence_backward(zs, cs, tf.cast(d_outputs, f32), c0,
+                                                     dh_last, dc_last, w_h, chains=chains)
+      h_prev = tf.reshape(tf.concat([h0[:, None], hs[:, :-1]], 1), [-1, hid])
       d_w_x, d_w_h, d_b, dx = _weight_grads(
           [x_rows], [h_prev], [tf.reshape(dzs, [-1, 4 * hid])], input_grad, w_x)
       if dx is not None:
-        dx = tf.transpose(tf.reshape(dx[0], [t_len, batch, d]), [1, 0, 2])
+        dx = tf.reshape(dx[0], [batch, t_len, d])
       return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), d_w_x, d_w_h, d_b)
 
-    return (tf.transpose(hs, [1, 0, 2]), hs[-1], cs[-1]), grad
+    return (hs, hs[:, -1], cs[:, -1]), grad
 
   return run(x, h0, c0, kernel, recurrent_kernel, bias)
 

@@ -159,17 +159,16 @@ def test_the_kernels_check_their_shapes():
   with pytest.raises(tf.errors.InvalidArgumentError, match="must have c's shape"):
     ops.charlstm_cell_backward(tf.zeros([2, 12]), *[tf.zeros([2, 3])] * 3, tf.zeros([3, 3]),
                                tf.zeros([2, 3]))
-  state = tf.zeros([4, 3])
+  state, seq = tf.zeros([4, 3]), tf.zeros([4, 5, 12])  # B=4, T=5, H=3
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'W_h \(H, 4H\).*do not match'):
-    ops.charlstm_sequence_forward(tf.zeros([5, 4, 12]), tf.zeros([3, 8]), state, state, chains=2)
+    ops.charlstm_sequence_forward(seq, tf.zeros([3, 8]), state, state, chains=2)
   with pytest.raises(tf.errors.InvalidArgumentError, match='chains must divide the batch'):
-    ops.charlstm_sequence_forward(tf.zeros([5, 4, 12]), tf.zeros([3, 12]), state, state, chains=3)
+    ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), state, state, chains=3)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'h0 has shape \[4,2\]'):
-    ops.charlstm_sequence_forward(tf.zeros([5, 4, 12]), tf.zeros([3, 12]), tf.zeros([4, 2]),
-                                  state, chains=2)
+    ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), tf.zeros([4, 2]), state, chains=2)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'd_out has shape \[4,3\]'):
-    ops.charlstm_sequence_backward(tf.zeros([5, 4, 12]), tf.zeros([5, 4, 3]), state, state,
-                                   state, state, tf.zeros([3, 12]), chains=1)
+    ops.charlstm_sequence_backward(seq, tf.zeros([4, 5, 3]), state, state, state, state,
+                                   tf.zeros([3, 12]), chains=1)
 
 
 @pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])  # the sequence op; the cell op

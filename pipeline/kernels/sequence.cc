@@ -96,7 +96,12 @@ EIGEN_ALWAYS_INLINE void Dot(const float* a, int64_t lda, const float* panel, in
 }
 
 // One chain's arrays at one time step; pointers are to the chain's first row.
+// The (B, T, X) arrays are batch-major, as Keras's layers take and give them
+// (no transposes around the op): consecutive rows of one time step lie
+// `seq` * X floats apart; the (B, X) states X apart, and h_prev / c_prev
+// `prev` * X (prev = 1 at t = 0, where they are h0 / c0, else T).
 struct ForwardStep {
+  int64_t seq, prev;
   const float* xz;      // (R, 4H) this step's input projection + bias
   const float* h_prev;  // (R, H)
   const float* c_prev;  // (R, H)
@@ -111,19 +116,20 @@ void ForwardTile(const ForwardStep& s, const float* panels, int64_t h, int64_t r
   const int64_t u = p * kLanes, n = std::min(kLanes, h - u);
   Packet acc[kMaxRows][4];
   for (int r = 0; r < MR; ++r)
-    for (int g = 0; g < 4; ++g) acc[r][g] = Load(s.xz + (r0 + r) * 4 * h + g * h + u, n);
-  Dot<MR>(s.h_prev + r0 * h, h, panels + p * h * kPanel, h, acc);
+    for (int g = 0; g < 4; ++g) acc[r][g] = Load(s.xz + (r0 + r) * s.seq * 4 * h + g * h + u, n);
+  Dot<MR>(s.h_prev + r0 * s.prev * h, s.prev * h, panels + p * h * kPanel, h, acc);
   for (int r = 0; r < MR; ++r) {
-    const int64_t row = r0 + r;
-    for (int g = 0; g < 4; ++g) Store(acc[r][g], s.z + row * 4 * h + g * h + u, n);
-    const Packet c = Add(Mul(Sigmoid(acc[r][1]), Load(s.c_prev + row * h + u, n)),
+    const int64_t row = r0 + r, at = row * s.seq * h + u;
+    for (int g = 0; g < 4; ++g) Store(acc[r][g], s.z + row * s.seq * 4 * h + g * h + u, n);
+    const Packet c = Add(Mul(Sigmoid(acc[r][1]), Load(s.c_prev + row * s.prev * h + u, n)),
                          Mul(Sigmoid(acc[r][0]), Tanh(acc[r][2])));
-    Store(c, s.c + row * h + u, n);
-    Store(Mul(Sigmoid(acc[r][3]), Tanh(c)), s.h + row * h + u, n);
+    Store(c, s.c + at, n);
+    Store(Mul(Sigmoid(acc[r][3]), Tanh(c)), s.h + at, n);
   }
 }
 
-struct BackwardStep {
+struct BackwardStep {  // strides as in ForwardStep; dh_last and dc are (B, H) states
+  int64_t seq, prev;
   const float* z;       // (R, 4H) this step's pre-activations
   const float* c;       // (R, H) this step's cell state
   const float* c_prev;  // (R, H)
@@ -142,32 +148,34 @@ void BackwardTile(const BackwardStep& s, const float* panels, int64_t h, int64_t
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < 4; ++v) {
       const int64_t u = p * kPanel + v * kLanes, n = std::clamp<int64_t>(h - u, 0, kLanes);
-      const int64_t at = (r0 + r) * h + u;
-      acc[r][v] = n ? Load(s.d_out + at, n) : Eigen::internal::pset1<Packet>(0.0f);
-      if (n && !s.dz_next) acc[r][v] = Add(acc[r][v], Load(s.dh_last + at, n));
+      const int64_t row = r0 + r;
+      acc[r][v] = n ? Load(s.d_out + row * s.seq * h + u, n) : Eigen::internal::pset1<Packet>(0.0f);
+      if (n && !s.dz_next) acc[r][v] = Add(acc[r][v], Load(s.dh_last + row * h + u, n));
     }
-  if (s.dz_next) Dot<MR>(s.dz_next + r0 * 4 * h, 4 * h, panels + p * 4 * h * kPanel, 4 * h, acc);
+  if (s.dz_next) {
+    Dot<MR>(s.dz_next + r0 * s.seq * 4 * h, s.seq * 4 * h, panels + p * 4 * h * kPanel, 4 * h, acc);
+  }
   for (int r = 0; r < MR; ++r) {
     const int64_t row = r0 + r;
-    const float* z = s.z + row * 4 * h;
-    float* dz = s.dz + row * 4 * h;
+    const float* z = s.z + row * s.seq * 4 * h;
+    float* dz = s.dz + row * s.seq * 4 * h;
     for (int v = 0; v < 4; ++v) {
       const int64_t j = p * kPanel + v * kLanes, n = std::min(kLanes, h - j);
       if (n <= 0) break;
-      const int64_t at = row * h + j;
+      const int64_t at = row * s.seq * h + j, state = row * h + j;
       const Packet& dh = acc[r][v];
       const Packet i = Sigmoid(Load(z + j, n));
       const Packet f = Sigmoid(Load(z + h + j, n));
       const Packet g = Tanh(Load(z + 2 * h + j, n));
       const Packet o = Sigmoid(Load(z + 3 * h + j, n));
       const Packet tanh_c = Tanh(Load(s.c + at, n));
-      const Packet dc = Add(Load(s.dc + at, n), Mul(Mul(dh, o), OneMinus(Mul(tanh_c, tanh_c))));
-      const Packet c_prev = Load(s.c_prev + at, n);
+      const Packet dc = Add(Load(s.dc + state, n), Mul(Mul(dh, o), OneMinus(Mul(tanh_c, tanh_c))));
+      const Packet c_prev = Load(s.c_prev + row * s.prev * h + j, n);
       Store(Mul(Mul(Mul(dc, g), i), OneMinus(i)), dz + j, n);
       Store(Mul(Mul(Mul(dc, c_prev), f), OneMinus(f)), dz + h + j, n);
       Store(Mul(Mul(dc, i), OneMinus(Mul(g, g))), dz + 2 * h + j, n);
       Store(Mul(Mul(Mul(dh, tanh_c), o), OneMinus(o)), dz + 3 * h + j, n);
-      Store(Mul(dc, f), s.dc + at, n);
+      Store(Mul(dc, f), s.dc + state, n);
     }
   }
 }
@@ -223,10 +231,10 @@ absl::Status CheckSequence(const Tensor& seq4, const Tensor& w_h, int64_t chains
   if (seq4.dims() != 3 || w_h.dims() != 2 || w_h.dim_size(1) != 4 * w_h.dim_size(0) ||
       seq4.dim_size(2) != w_h.dim_size(1)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "charlstm sequence: the (T, B, 4H) input ", seq4.shape().DebugString(),
+        "charlstm sequence: the (B, T, 4H) input ", seq4.shape().DebugString(),
         " and W_h (H, 4H) ", w_h.shape().DebugString(), " do not match"));
   }
-  if (chains < 1 || seq4.dim_size(1) % chains) {
+  if (chains < 1 || seq4.dim_size(0) % chains) {
     return absl::InvalidArgumentError("charlstm sequence: chains must divide the batch");
   }
   return absl::OkStatus();
@@ -234,7 +242,7 @@ absl::Status CheckSequence(const Tensor& seq4, const Tensor& w_h, int64_t chains
 
 absl::Status CheckState(const Tensor& t, int64_t t_len, int64_t batch, int64_t h,
                         const char* name) {
-  const bool ok = t_len ? t.shape() == TensorShape({t_len, batch, h})
+  const bool ok = t_len ? t.shape() == TensorShape({batch, t_len, h})
                         : t.shape() == TensorShape({batch, h});
   if (ok) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("charlstm sequence: ", name, " has shape ",
@@ -247,17 +255,17 @@ class SequenceForward : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("chains", &chains_));
   }
 
-  // (xz (T, B, 4H), W_h (H, 4H), h0, c0 (B, H)) -> (hs, cs (T, B, H), zs (T, B, 4H)).
+  // (xz (B, T, 4H), W_h (H, 4H), h0, c0 (B, H)) -> (hs, cs (B, T, H), zs (B, T, 4H)).
   void Compute(OpKernelContext* ctx) override {
     const Tensor& xz = ctx->input(0);
     const Tensor& w_h = ctx->input(1);
     OP_REQUIRES_OK(ctx, CheckSequence(xz, w_h, chains_));
-    const int64_t t_len = xz.dim_size(0), batch = xz.dim_size(1), h = w_h.dim_size(0);
+    const int64_t batch = xz.dim_size(0), t_len = xz.dim_size(1), h = w_h.dim_size(0);
     OP_REQUIRES_OK(ctx, CheckState(ctx->input(2), 0, batch, h, "h0"));
     OP_REQUIRES_OK(ctx, CheckState(ctx->input(3), 0, batch, h, "c0"));
     Tensor *hs, *cs, *zs, panels;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({t_len, batch, h}), &hs));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({t_len, batch, h}), &cs));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({batch, t_len, h}), &hs));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({batch, t_len, h}), &cs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, xz.shape(), &zs));
     const int64_t n_panels = (h + kLanes - 1) / kLanes;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
@@ -274,10 +282,10 @@ class SequenceForward : public OpKernel {
     ForChains(ctx, chains_, [&](int64_t j) {
       const int64_t first = j * rows;
       for (int64_t t = 0; t < t_len; ++t) {
-        const int64_t now = t * batch + first, before = (t - 1) * batch + first;
-        const ForwardStep s{xz_p + now * 4 * h,
-                            t ? hs_p + before * h : h0 + first * h,
-                            t ? cs_p + before * h : c0 + first * h,
+        const int64_t now = first * t_len + t;  // (row first, step t) of a (B, T, X) array
+        const ForwardStep s{t_len, t ? t_len : 1, xz_p + now * 4 * h,
+                            t ? hs_p + (now - 1) * h : h0 + first * h,
+                            t ? cs_p + (now - 1) * h : c0 + first * h,
                             zs_p + now * 4 * h, cs_p + now * h, hs_p + now * h};
         for (int64_t p = 0; p < n_panels; ++p) OverRows<ForwardRows>(rows, s, packed, h, p);
       }
@@ -294,13 +302,13 @@ class SequenceBackward : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("chains", &chains_));
   }
 
-  // (zs (T, B, 4H), cs, d_out (T, B, H), c0, dh_last, dc_last (B, H), W_h)
-  //   -> (dzs (T, B, 4H), dh0, dc0 (B, H)).
+  // (zs (B, T, 4H), cs, d_out (B, T, H), c0, dh_last, dc_last (B, H), W_h)
+  //   -> (dzs (B, T, 4H), dh0, dc0 (B, H)).
   void Compute(OpKernelContext* ctx) override {
     const Tensor& zs = ctx->input(0);
     const Tensor& w_h = ctx->input(6);
     OP_REQUIRES_OK(ctx, CheckSequence(zs, w_h, chains_));
-    const int64_t t_len = zs.dim_size(0), batch = zs.dim_size(1), h = w_h.dim_size(0);
+    const int64_t batch = zs.dim_size(0), t_len = zs.dim_size(1), h = w_h.dim_size(0);
     const char* names[] = {"", "cs", "d_out", "c0", "dh_last", "dc_last"};
     for (int i = 1; i < 6; ++i) {
       OP_REQUIRES_OK(ctx, CheckState(ctx->input(i), i < 3 ? t_len : 0, batch, h, names[i]));
@@ -327,10 +335,10 @@ class SequenceBackward : public OpKernel {
     ForChains(ctx, chains_, [&](int64_t j) {
       const int64_t first = j * rows;
       for (int64_t t = t_len - 1; t >= 0; --t) {
-        const int64_t now = t * batch + first, before = (t - 1) * batch + first;
-        const BackwardStep s{zs_p + now * 4 * h, cs_p + now * h,
-                             t ? cs_p + before * h : c0 + first * h, d_out + now * h,
-                             t + 1 < t_len ? dzs_p + (now + batch) * 4 * h : nullptr,
+        const int64_t now = first * t_len + t;
+        const BackwardStep s{t_len, t ? t_len : 1, zs_p + now * 4 * h, cs_p + now * h,
+                             t ? cs_p + (now - 1) * h : c0 + first * h, d_out + now * h,
+                             t + 1 < t_len ? dzs_p + (now + 1) * 4 * h : nullptr,
                              dh_last + first * h, dc + first * h, dzs_p + now * 4 * h};
         for (int64_t p = 0; p < n_panels; ++p) OverRows<BackwardRows>(rows, s, packed, h, p);
       }
@@ -339,7 +347,7 @@ class SequenceBackward : public OpKernel {
         for (int64_t p = 0; p < n_panels; ++p) {
           Packet acc[kMaxRows][4];
           for (auto& a : acc[0]) a = Eigen::internal::pset1<Packet>(0.0f);
-          Dot<1>(dzs_p + (first + r) * 4 * h, 4 * h, packed + p * 4 * h * kPanel, 4 * h, acc);
+          Dot<1>(dzs_p + (first + r) * t_len * 4 * h, 4 * h, packed + p * 4 * h * kPanel, 4 * h, acc);
           for (int v = 0; v < 4; ++v) {
             const int64_t u = p * kPanel + v * kLanes, n = std::min(kLanes, h - u);
             if (n > 0) Store(acc[0][v], dh0_p + (first + r) * h + u, n);
@@ -394,7 +402,7 @@ REGISTER_OP("CharlstmSequenceBackward")
       TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(0), 3, &zs));
       TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(6), 2, &w_h));
       ctx->set_output(0, zs);
-      ShapeHandle state = ctx->Matrix(ctx->Dim(zs, 1), ctx->Dim(w_h, 0));
+      ShapeHandle state = ctx->Matrix(ctx->Dim(zs, 0), ctx->Dim(w_h, 0));
       ctx->set_output(1, state);
       ctx->set_output(2, state);
       return absl::OkStatus();
