@@ -70,6 +70,18 @@ def test_without_a_compiler_auto_warns_once_and_takes_the_xla_kernels(tmp_path):
   assert [f for f in eval(out['files']) if f.endswith('.so')] == []  # pylint: disable=eval-used
 
 
+def test_a_compiler_that_fails_is_one_error_naming_its_message_and_leaves_no_files(tmp_path):
+  cxx = tmp_path / 'failing-cxx'
+  cxx.write_text('#!/bin/sh\necho "failing-cxx: fatal error: no space left on device" >&2\nexit 1\n')
+  cxx.chmod(0o755)
+  cache = tmp_path / 'ops'
+  proc = run(['-c', _RESOLVE, 'cc'], env={'CHARLSTM_OPS_DIR': str(cache), 'CXX': str(cxx)})
+  out = dict(line.split(' ', 1) for line in proc.stdout.splitlines())
+  assert 'could not compile' in out['error'], proc.stdout
+  assert 'no space left on device' in out['error'] and 'cell_kernels=xla' in out['error']
+  assert eval(out['files']) == ['.lock']  # pylint: disable=eval-used  # no .so, .o or temp file
+
+
 def test_asking_for_cc_without_a_compiler_is_a_one_line_error_before_training(tmp_path):
   empty = tmp_path / 'empty-bin'
   empty.mkdir()

@@ -18,7 +18,7 @@ c++) against this interpreter's TensorFlow headers (tf.sysconfig) with -O3
 ~/.cache/charlstm-ops. The file name hashes everything the binary depends on
 (the sources, TensorFlow's version and headers, the CPU's feature flags), so a
 venv shared by different machines or TensorFlow versions keeps one binary per
-combination. One process compiles (about 15 s) while the others wait on a file
+combination. One process compiles (about 8 s, one compiler per source) while the others wait on a file
 lock; the rest load the binary in milliseconds, compiler or not.
 
 Where it cannot be built (no compiler, no headers, another OS), `resolve`
@@ -104,23 +104,49 @@ def _compiler():
                    '--config.train.cell_kernels=xla.')
 
 
+def _run_together(cmds):
+  """Runs the commands side by side; the first failure's last stderr line, else ''."""
+  procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for cmd in cmds]
+  failure = ''
+  try:
+    for proc in procs:
+      _, err = proc.communicate(timeout=_COMPILE_TIMEOUT_S)
+      if proc.returncode and not failure:
+        failure = (err.strip().splitlines() or ['(no output)'])[-1]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return failure
+
+
 def _compile(path):
-  """Builds the op into `path` (atomically: a reader never sees half a file)."""
+  """Builds the op into `path` (atomically: a reader never sees half a file).
+
+  Each source compiles in its own compiler process (sequence.cc and cell.cc
+  take about as long each, so two cores halve the first run's wait), then
+  one link.
+  """
   cxx = _compiler()
   tmp = tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix='.so.tmp', delete=False)
   tmp.close()
   last = ''
   try:
-    for arch in _ARCH_FLAGS:
-      cmd = [cxx, '-O3', *arch, '-shared', '-fPIC', '-w', *SOURCES, '-o', tmp.name,
-             *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
-      done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S,
-                            check=False)
-      if done.returncode == 0:
-        os.replace(tmp.name, path)
-        logging.info('kernels.cell: compiled %s (%s)', path, ' '.join(arch) or 'no -march')
-        return
-      last = (done.stderr.strip().splitlines() or ['(no output)'])[-1]
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as objects:
+      for arch in _ARCH_FLAGS:
+        outs = [os.path.join(objects, os.path.basename(src) + '.o') for src in SOURCES]
+        last = _run_together([[cxx, '-O3', *arch, '-fPIC', '-w', '-c', src, '-o', out,
+                               *tf.sysconfig.get_compile_flags()]
+                              for src, out in zip(SOURCES, outs)])
+        if not last:
+          last = _run_together([[cxx, '-shared', *outs, '-o', tmp.name,
+                                 *tf.sysconfig.get_link_flags()]])
+        if not last:
+          os.replace(tmp.name, path)
+          logging.info('kernels.cell: compiled %s (%s)', path, ' '.join(arch) or 'no -march')
+          return
   finally:
     if os.path.exists(tmp.name):
       os.remove(tmp.name)
