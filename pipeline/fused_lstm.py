@@ -214,7 +214,8 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
   Returns:
     (outputs (B, T, H) in x's dtype, h_T (B, H) float32, c_T (B, H) float32).
   """
-  if kernels == 'cc' and x.dtype == tf.float32:
+  if kernels == 'cc' and x.dtype in cell_kernels.sequence_dtypes() and (
+      x.dtype == tf.float32 or recurrent_kernel.shape[0] % 2 == 0):  # bfloat16 pairs k
     return _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chains)
   return _per_step(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chains, kernels)
 
@@ -307,15 +308,17 @@ def _per_step(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chains, ker
 
 
 def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chains):
-  """lstm_sequence in float32 with kernels='cc': the recurrence is one C++ op per pass.
+  """lstm_sequence with kernels='cc': the recurrence is one C++ op per pass.
 
   pipeline/kernels/sequence.cc runs the time loop, the recurrent matmuls and
   the gate math of every chain (one thread each) in one call forward and one
   backward; what is left here is the input projection and the weight
-  gradients, one matmul each over all B * T rows.
+  gradients, one matmul each over all B * T rows. In bfloat16 the op's
+  products take bfloat16 h, dz and W_h (vdpbf16ps) and sum in float32, as
+  the per-step loop's oneDNN matmuls do, without rounding z itself.
   """
   ops = cell_kernels.load()
-  f32 = tf.float32
+  md, f32 = x.dtype, tf.float32
 
   @tf.custom_gradient
   def run(x, h0, c0, w_x, w_h, b):
@@ -323,25 +326,29 @@ def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chain
     # strides over (B, T, *) rows, so nothing is transposed.
     d, hid = x.shape[-1], w_h.shape[0]
     batch, t_len = tf.shape(x)[0], tf.shape(x)[1]
+    w_x_m, w_h_m = tf.cast(w_x, md if input_grad else f32), tf.cast(w_h, md)
     x_rows = tf.reshape(x, [-1, d])
-    xz = tf.reshape(_project([x_rows], w_x, tf.cast(b, f32), input_grad)[0],
+    xz = tf.reshape(_project([x_rows], w_x_m, tf.cast(b, f32), input_grad)[0],
                     [batch, t_len, 4 * hid])
-    h0, c0 = tf.cast(h0, f32), tf.cast(c0, f32)
-    hs, cs, zs = ops.charlstm_sequence_forward(xz, w_h, h0, c0, chains=chains)
+    h0_m, c_init = tf.cast(h0, md), tf.cast(c0, f32)
+    hs, cs, zs = ops.charlstm_sequence_forward(xz, w_h_m, h0_m, c_init, chains=chains)
+    # h_T in float32 (hs holds it rounded to bfloat16 there).
+    h_t = hs[:, -1] if md == f32 else tf.sigmoid(zs[:, -1, 3 * hid:]) * tf.tanh(cs[:, -1])
 
     def grad(d_outputs, d_h_t, d_c_t):
-      dh_last = tf.zeros_like(h0) if d_h_t is None else tf.cast(d_h_t, f32)
-      dc_last = tf.zeros_like(c0) if d_c_t is None else tf.cast(d_c_t, f32)
-      dzs, dh0, dc0 = ops.charlstm_sequence_backward(zs, cs, tf.cast(d_outputs, f32), c0,
-                                                     dh_last, dc_last, w_h, chains=chains)
-      h_prev = tf.reshape(tf.concat([h0[:, None], hs[:, :-1]], 1), [-1, hid])
+      dh_last = tf.zeros_like(c_init) if d_h_t is None else tf.cast(d_h_t, f32)
+      dc_last = tf.zeros_like(c_init) if d_c_t is None else tf.cast(d_c_t, f32)
+      dzs, dh0, dc0 = ops.charlstm_sequence_backward(zs, cs, tf.cast(d_outputs, f32), c_init,
+                                                     dh_last, dc_last, w_h_m, chains=chains)
+      h_prev = tf.reshape(tf.concat([h0_m[:, None], hs[:, :-1]], 1), [-1, hid])
       d_w_x, d_w_h, d_b, dx = _weight_grads(
-          [x_rows], [h_prev], [tf.reshape(dzs, [-1, 4 * hid])], input_grad, w_x)
+          [x_rows], [h_prev], [tf.reshape(dzs, [-1, 4 * hid])], input_grad, w_x_m)
       if dx is not None:
         dx = tf.reshape(dx[0], [batch, t_len, d])
-      return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), d_w_x, d_w_h, d_b)
+      return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), tf.cast(d_w_x, w_x.dtype),
+              tf.cast(d_w_h, w_h.dtype), tf.cast(d_b, b.dtype))
 
-    return (hs, hs[:, -1], cs[:, -1]), grad
+    return (hs, h_t, cs[:, -1]), grad
 
   return run(x, h0, c0, kernel, recurrent_kernel, bias)
 

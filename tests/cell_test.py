@@ -127,16 +127,52 @@ _CELL = {'CharlstmCellForward', 'CharlstmCellBackward'}
 _SEQUENCE = {'CharlstmSequenceForward', 'CharlstmSequenceBackward'}
 
 
+_BF16_WHOLE = tf.bfloat16 in cell_kernels.sequence_dtypes()  # AVX512-BF16 build, no AMX
+
+
+@pytest.fixture
+def per_step_bfloat16(monkeypatch):
+  """bfloat16 on the per-step loop with the cell op, as on AMX or non-BF16 CPUs."""
+  monkeypatch.setattr(cell_kernels, 'sequence_dtypes', lambda: (tf.float32,))
+
+
 def test_the_cc_kernels_replace_the_xla_ones_in_the_traced_step():
-  # float32: the whole recurrence is one op per pass; bfloat16 keeps the
-  # per-step loop (its matmuls are oneDNN's bfloat16 ones) with the gate op.
+  # float32: the whole recurrence is one op per pass; bfloat16 too where the
+  # build has vdpbf16ps (and no AMX), else the per-step loop of oneDNN's
+  # bfloat16 matmuls with the gate op.
   cc, cc16, xla = _gate_ops('cc'), _gate_ops('cc', 'bfloat16'), _gate_ops('xla')
   assert _SEQUENCE <= cc and not _CELL & cc and 'While' not in cc
-  assert _CELL <= cc16 and not _SEQUENCE & cc16
+  if _BF16_WHOLE:
+    assert _SEQUENCE <= cc16 and not _CELL & cc16 and 'While' not in cc16
+  else:
+    assert _CELL <= cc16 and not _SEQUENCE & cc16
   assert not (_CELL | _SEQUENCE) & xla
 
 
-def _sequence_outputs(kernels, input_grad, h=72, b=16, t=9, v=11, chains=2):
+def test_without_the_whole_sequence_bfloat16_takes_the_per_step_cell_op(per_step_bfloat16):
+  cc16 = _gate_ops('cc', 'bfloat16')
+  assert _CELL <= cc16 and not _SEQUENCE & cc16
+
+
+def test_the_bfloat16_sequence_op_is_registered_only_with_vdpbf16ps():
+  ops = cell_kernels.load()
+  native = bool(ops.charlstm_sequence_bf16_native())
+  flags = open('/proc/cpuinfo', encoding='utf-8').read()
+  assert native == ('avx512_bf16' in flags)  # built with -march=native
+  w, state = tf.zeros([4, 16], tf.bfloat16), tf.zeros([2, 4], tf.bfloat16)
+  if native:
+    hs, _, _ = ops.charlstm_sequence_forward(tf.zeros([2, 3, 16]), w, state, tf.zeros([2, 4]),
+                                             chains=1)
+    assert hs.dtype == tf.bfloat16
+    with pytest.raises(tf.errors.InvalidArgumentError, match='bfloat16 needs an even H'):
+      ops.charlstm_sequence_forward(tf.zeros([2, 3, 12]), tf.zeros([3, 12], tf.bfloat16),
+                                    tf.zeros([2, 3], tf.bfloat16), tf.zeros([2, 3]), chains=1)
+  else:
+    with pytest.raises(tf.errors.NotFoundError):
+      ops.charlstm_sequence_forward(tf.zeros([2, 3, 16]), w, state, tf.zeros([2, 4]), chains=1)
+
+
+def _sequence_outputs(kernels, input_grad, h=72, b=16, t=9, v=11, chains=2, dtype=tf.float32):
   """lstm_sequence's outputs and gradients (w.r.t. x too where input_grad) on random data."""
   rng = np.random.default_rng(1)
   x = (tf.constant(rng.normal(size=(b, t, v)), tf.float32) if input_grad
@@ -147,9 +183,9 @@ def _sequence_outputs(kernels, input_grad, h=72, b=16, t=9, v=11, chains=2):
   d_out = tf.constant(rng.normal(size=(b, t, h)), tf.float32)
   with tf.GradientTape() as tape:
     tape.watch([x, h0, c0, w_x, w_h, bias])
-    out, h_t, c_t = fused_lstm.lstm_sequence(x, h0, c0, w_x, w_h, bias, input_grad=input_grad,
-                                             chains=chains, kernels=kernels)
-    loss = tf.reduce_sum(out * d_out) + tf.reduce_sum(h_t * h_t) + tf.reduce_sum(c_t)
+    out, h_t, c_t = fused_lstm.lstm_sequence(tf.cast(x, dtype), h0, c0, w_x, w_h, bias,
+                                             input_grad=input_grad, chains=chains, kernels=kernels)
+    loss = tf.reduce_sum(tf.cast(out, tf.float32) * d_out) + tf.reduce_sum(h_t * h_t) + tf.reduce_sum(c_t)
   grads = tape.gradient(loss, [x, h0, c0, w_x, w_h, bias])
   return [out, h_t, c_t] + [g for g in grads if g is not None]
 
@@ -162,6 +198,22 @@ def test_the_whole_sequence_op_matches_the_per_step_loop(input_grad):
   assert len(cc) == len(xla) == (9 if input_grad else 8)
   for got, want in zip(cc, xla):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not _BF16_WHOLE, reason='no vdpbf16ps build on this CPU (or it has AMX)')
+@pytest.mark.parametrize('input_grad', [False, True])
+def test_the_bfloat16_sequence_op_tracks_the_per_step_bfloat16_loop(input_grad, monkeypatch):
+  whole = _sequence_outputs('cc', input_grad, dtype=tf.bfloat16)
+  monkeypatch.setattr(cell_kernels, 'sequence_dtypes', lambda: (tf.float32,))
+  per_step = _sequence_outputs('cc', input_grad, dtype=tf.bfloat16)
+  exact = _sequence_outputs('xla', input_grad)  # float32
+  assert len(whole) == len(per_step) == len(exact)
+  for got, loop, want in zip(whole, per_step, exact):
+    scale = np.max(np.abs(want))
+    # Both round h and dz to bfloat16 at every step (0.3-1.6% off float32 here,
+    # each path on either side of the other); a wrong panel layout is off by O(1).
+    err, err_loop = (np.max(np.abs(tf.cast(a, tf.float32) - want)) / scale for a in (got, loop))
+    assert err < 3e-2 and err < 2 * err_loop + 2e-3, (err, err_loop)
 
 
 def test_the_kernels_check_their_shapes():
@@ -183,11 +235,14 @@ def test_the_kernels_check_their_shapes():
                                    tf.zeros([3, 12]), chains=1)
 
 
-@pytest.mark.parametrize('dtype', [tf.float32, tf.bfloat16])  # the sequence op; the cell op
-def test_the_fused_gradient_with_cc_kernels_is_bitwise_repeatable(dtype):
+@pytest.mark.parametrize('dtype,per_step', [(tf.float32, False), (tf.bfloat16, False),
+                                            (tf.bfloat16, True)])
+def test_the_fused_gradient_with_cc_kernels_is_bitwise_repeatable(dtype, per_step, monkeypatch):
   # Exact resume needs every run of a step to give the same bits wherever its
   # buffers happen to be allocated (Eigen's array code computes the unaligned
   # head of a buffer with its scalar tanh, which differs in the last bit).
+  if per_step:  # the cell op between oneDNN's matmuls (else the sequence op where it runs)
+    monkeypatch.setattr(cell_kernels, 'sequence_dtypes', lambda: (tf.float32,))
   h, b, t, v = 72, 8, 16, 11  # 72 columns: whole packets and a partial one
   rng = np.random.default_rng(0)
   x = tf.one_hot(rng.integers(v, size=(b, t)), v, dtype=dtype)

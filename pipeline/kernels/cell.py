@@ -43,7 +43,7 @@ from pipeline import errors
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(_HERE, name) for name in ('cell.cc', 'sequence.cc')]
-HEADERS = [os.path.join(_HERE, 'packets.h')]
+HEADERS = [os.path.join(_HERE, name) for name in ('packets.h', 'panels.h')]
 KINDS = config.CELL_KERNELS
 _COMPILE_TIMEOUT_S = 600
 # Tried in order: Eigen's AVX512-FP16 packet code fails to compile with GCC 12
@@ -187,6 +187,25 @@ def load():
   if 'error' in _state:
     raise _state['error']
   return _state['module']
+
+
+def sequence_dtypes():
+  """The matmul dtypes whose whole recurrence runs as sequence.cc's op here.
+
+  float32 always (once the ops load). bfloat16 where this build multiplies
+  with AVX512-BF16's vdpbf16ps (the op library says; it registers no slow
+  emulation) and the CPU has no AMX: on AMX hosts oneDNN's bfloat16 matmuls
+  with the per-step gate op are what was measured (bfloat16 1.59x float32 at
+  H=512, BUILD.md), the vdpbf16ps op was not. Elsewhere bfloat16 keeps that
+  per-step loop.
+  """
+  if 'dtypes' not in _state:
+    ops = load()
+    with tf.init_scope():  # an eager answer, also while a tf.function traces
+      native = bool(ops.charlstm_sequence_bf16_native())
+    amx = 'amx_bf16' in _cpu_flags().split()
+    _state['dtypes'] = (tf.float32, tf.bfloat16) if native and not amx else (tf.float32,)
+  return _state['dtypes']
 
 
 def resolve(kind):

@@ -28,13 +28,16 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <type_traits>
 
+#include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/platform/blocking_counter.h"
 #include "tensorflow/core/platform/threadpool.h"
 #include "packets.h"
+#include "panels.h"
 
 namespace {
 
@@ -45,74 +48,26 @@ using tensorflow::Tensor;
 using tensorflow::TensorShape;
 using namespace charlstm;  // NOLINT: the packet helpers
 
-// MR rows x 4 packets of accumulators, the 4 packets of the panel's current
-// k and one broadcast must fit the vector registers (32 on AVX-512: MR = 6;
-// 16 on AVX/SSE/NEON: MR = 2).
-constexpr int kMaxRows = (EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS - 5) / 4;
-constexpr int64_t kPanel = 4 * kLanes;  // a panel's width, in floats per k
-
-// Forward panels: panel p holds units [p L, p L + L) of gates i, f, g, o for
-// every k: out[((p K + k) 4 + g) L + l] = w[k 4H + g H + p L + l], zero past H.
-void PackForward(const float* w, int64_t k_dim, int64_t h, float* out) {
-  for (int64_t p = 0; p * kLanes < h; ++p)
-    for (int64_t k = 0; k < k_dim; ++k)
-      for (int g = 0; g < 4; ++g)
-        for (int64_t l = 0; l < kLanes; ++l, ++out) {
-          const int64_t u = p * kLanes + l;
-          *out = u < h ? w[k * 4 * h + g * h + u] : 0.0f;
-        }
-}
-
-// Backward panels of W_h^T (4H x H): panel p holds units [p 4L, p 4L + 4L)
-// for every k in [0, 4H): out[(p 4H + k) 4L + u'] = w[(p 4L + u') 4H + k].
-void PackBackward(const float* w, int64_t h, float* out) {
-  for (int64_t p = 0; p * kPanel < h; ++p)
-    for (int64_t k = 0; k < 4 * h; ++k)
-      for (int64_t v = 0; v < kPanel; ++v, ++out) {
-        const int64_t u = p * kPanel + v;
-        *out = u < h ? w[u * 4 * h + k] : 0.0f;
-      }
-}
-
-// acc[r][v] += sum over k of a[r lda + k] * panel[k 4L + v L + lane].
-template <int MR>
-EIGEN_ALWAYS_INLINE void Dot(const float* a, int64_t lda, const float* panel, int64_t k_dim,
-                             Packet (&acc)[kMaxRows][4]) {
-  using Eigen::internal::pmadd;
-  using Eigen::internal::ploadu;
-  using Eigen::internal::pset1;
-  for (int64_t k = 0; k < k_dim; ++k) {
-    const float* b = panel + k * kPanel;
-    const Packet b0 = ploadu<Packet>(b), b1 = ploadu<Packet>(b + kLanes),
-                 b2 = ploadu<Packet>(b + 2 * kLanes), b3 = ploadu<Packet>(b + 3 * kLanes);
-    for (int r = 0; r < MR; ++r) {
-      const Packet x = pset1<Packet>(a[r * lda + k]);
-      acc[r][0] = pmadd(x, b0, acc[r][0]);
-      acc[r][1] = pmadd(x, b1, acc[r][1]);
-      acc[r][2] = pmadd(x, b2, acc[r][2]);
-      acc[r][3] = pmadd(x, b3, acc[r][3]);
-    }
-  }
-}
-
 // One chain's arrays at one time step; pointers are to the chain's first row.
 // The (B, T, X) arrays are batch-major, as Keras's layers take and give them
 // (no transposes around the op): consecutive rows of one time step lie
 // `seq` * X floats apart; the (B, X) states X apart, and h_prev / c_prev
 // `prev` * X (prev = 1 at t = 0, where they are h0 / c0, else T).
+// M is the matmul operands' type: h and W_h forward, dz and W_h backward.
+template <typename M>
 struct ForwardStep {
   int64_t seq, prev;
   const float* xz;      // (R, 4H) this step's input projection + bias
-  const float* h_prev;  // (R, H)
+  const M* h_prev;      // (R, H)
   const float* c_prev;  // (R, H)
   float* z;             // (R, 4H) out: pre-activations, for the backward
   float* c;             // (R, H) out
-  float* h;             // (R, H) out
+  M* h;                 // (R, H) out
 };
 
 // Rows [r0, r0 + MR) of units [p L, p L + n): z, then c and h, from registers.
-template <int MR>
-void ForwardTile(const ForwardStep& s, const float* panels, int64_t h, int64_t r0, int64_t p) {
+template <int MR, typename M>
+void ForwardTile(const ForwardStep<M>& s, const M* panels, int64_t h, int64_t r0, int64_t p) {
   const int64_t u = p * kLanes, n = std::min(kLanes, h - u);
   Packet acc[kMaxRows][4];
   for (int r = 0; r < MR; ++r)
@@ -128,22 +83,23 @@ void ForwardTile(const ForwardStep& s, const float* panels, int64_t h, int64_t r
   }
 }
 
+template <typename M>
 struct BackwardStep {  // strides as in ForwardStep; dh_last and dc are (B, H) states
   int64_t seq, prev;
   const float* z;       // (R, 4H) this step's pre-activations
   const float* c;       // (R, H) this step's cell state
   const float* c_prev;  // (R, H)
   const float* d_out;   // (R, H) dL/dh_t from the outputs
-  const float* dz_next; // (R, 4H) dL/dz_{t+1}, or null at the last step
+  const M* dz_next;     // (R, 4H) dL/dz_{t+1}, or null at the last step
   const float* dh_last; // (R, H) dL/dh_T from outside, used at the last step only
   float* dc;            // (R, H) in: dL/dc_t via c_{t+1}; out: dL/dc_{t-1}
-  float* dz;            // (R, 4H) out
+  M* dz;                // (R, 4H) out
 };
 
 // Rows [r0, r0 + MR) of units [p 4L, p 4L + 4L): dh = d_out + dz_{t+1} W_h^T,
 // then cell.cc's backward gate math on each packet of units.
-template <int MR>
-void BackwardTile(const BackwardStep& s, const float* panels, int64_t h, int64_t r0, int64_t p) {
+template <int MR, typename M>
+void BackwardTile(const BackwardStep<M>& s, const M* panels, int64_t h, int64_t r0, int64_t p) {
   Packet acc[kMaxRows][4];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < 4; ++v) {
@@ -158,7 +114,7 @@ void BackwardTile(const BackwardStep& s, const float* panels, int64_t h, int64_t
   for (int r = 0; r < MR; ++r) {
     const int64_t row = r0 + r;
     const float* z = s.z + row * s.seq * 4 * h;
-    float* dz = s.dz + row * s.seq * 4 * h;
+    M* dz = s.dz + row * s.seq * 4 * h;
     for (int v = 0; v < 4; ++v) {
       const int64_t j = p * kPanel + v * kLanes, n = std::min(kLanes, h - j);
       if (n <= 0) break;
@@ -197,18 +153,20 @@ void OverRows(int64_t rows, Args&&... args) {
   if (left == 1) Tile<1>::Run(r0, args...);
 }
 
-template <int MR>
-struct ForwardRows {
-  static void Run(int64_t r0, const ForwardStep& s, const float* panels, int64_t h, int64_t p) {
-    ForwardTile<MR>(s, panels, h, r0, p);
-  }
-};
-
-template <int MR>
-struct BackwardRows {
-  static void Run(int64_t r0, const BackwardStep& s, const float* panels, int64_t h, int64_t p) {
-    BackwardTile<MR>(s, panels, h, r0, p);
-  }
+template <typename M>
+struct Tiles {
+  template <int MR>
+  struct Forward {
+    static void Run(int64_t r0, const ForwardStep<M>& s, const M* panels, int64_t h, int64_t p) {
+      ForwardTile<MR>(s, panels, h, r0, p);
+    }
+  };
+  template <int MR>
+  struct Backward {
+    static void Run(int64_t r0, const BackwardStep<M>& s, const M* panels, int64_t h, int64_t p) {
+      BackwardTile<MR>(s, panels, h, r0, p);
+    }
+  };
 };
 
 // Runs chain(j) for j in [0, chains): chain 0 on this thread, the others on
@@ -227,6 +185,7 @@ void ForChains(OpKernelContext* ctx, int64_t chains, const std::function<void(in
 }
 
 // Shapes are checked once here, not per step: a wrong one would read past a buffer.
+template <typename M>
 absl::Status CheckSequence(const Tensor& seq4, const Tensor& w_h, int64_t chains) {
   if (seq4.dims() != 3 || w_h.dims() != 2 || w_h.dim_size(1) != 4 * w_h.dim_size(0) ||
       seq4.dim_size(2) != w_h.dim_size(1)) {
@@ -236,6 +195,9 @@ absl::Status CheckSequence(const Tensor& seq4, const Tensor& w_h, int64_t chains
   }
   if (chains < 1 || seq4.dim_size(0) % chains) {
     return absl::InvalidArgumentError("charlstm sequence: chains must divide the batch");
+  }
+  if (!std::is_same_v<M, float> && w_h.dim_size(0) % 2) {  // k pairs: H must be even
+    return absl::InvalidArgumentError("charlstm sequence: bfloat16 needs an even H");
   }
   return absl::OkStatus();
 }
@@ -249,6 +211,9 @@ absl::Status CheckState(const Tensor& t, int64_t t_len, int64_t batch, int64_t h
                                                  t.shape().DebugString()));
 }
 
+// M = float or bfloat16: the type of W_h, h0 and hs (the forward's matmul
+// operands); everything else is float32.
+template <typename M>
 class SequenceForward : public OpKernel {
  public:
   explicit SequenceForward(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -259,7 +224,7 @@ class SequenceForward : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& xz = ctx->input(0);
     const Tensor& w_h = ctx->input(1);
-    OP_REQUIRES_OK(ctx, CheckSequence(xz, w_h, chains_));
+    OP_REQUIRES_OK(ctx, CheckSequence<M>(xz, w_h, chains_));
     const int64_t batch = xz.dim_size(0), t_len = xz.dim_size(1), h = w_h.dim_size(0);
     OP_REQUIRES_OK(ctx, CheckState(ctx->input(2), 0, batch, h, "h0"));
     OP_REQUIRES_OK(ctx, CheckState(ctx->input(3), 0, batch, h, "c0"));
@@ -268,14 +233,14 @@ class SequenceForward : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({batch, t_len, h}), &cs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, xz.shape(), &zs));
     const int64_t n_panels = (h + kLanes - 1) / kLanes;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<M>::value,
                                            TensorShape({n_panels * h * kPanel}), &panels));
-    float* packed = panels.flat<float>().data();
-    PackForward(w_h.flat<float>().data(), h, h, packed);
+    M* packed = panels.flat<M>().data();
+    PackForward(w_h.flat<M>().data(), h, h, packed);
     const float* xz_p = xz.flat<float>().data();
-    const float* h0 = ctx->input(2).flat<float>().data();
+    const M* h0 = ctx->input(2).flat<M>().data();
     const float* c0 = ctx->input(3).flat<float>().data();
-    float* hs_p = hs->flat<float>().data();
+    M* hs_p = hs->flat<M>().data();
     float* cs_p = cs->flat<float>().data();
     float* zs_p = zs->flat<float>().data();
     const int64_t rows = batch / chains_;
@@ -283,11 +248,13 @@ class SequenceForward : public OpKernel {
       const int64_t first = j * rows;
       for (int64_t t = 0; t < t_len; ++t) {
         const int64_t now = first * t_len + t;  // (row first, step t) of a (B, T, X) array
-        const ForwardStep s{t_len, t ? t_len : 1, xz_p + now * 4 * h,
-                            t ? hs_p + (now - 1) * h : h0 + first * h,
-                            t ? cs_p + (now - 1) * h : c0 + first * h,
-                            zs_p + now * 4 * h, cs_p + now * h, hs_p + now * h};
-        for (int64_t p = 0; p < n_panels; ++p) OverRows<ForwardRows>(rows, s, packed, h, p);
+        const ForwardStep<M> s{t_len, t ? t_len : 1, xz_p + now * 4 * h,
+                               t ? hs_p + (now - 1) * h : h0 + first * h,
+                               t ? cs_p + (now - 1) * h : c0 + first * h,
+                               zs_p + now * 4 * h, cs_p + now * h, hs_p + now * h};
+        for (int64_t p = 0; p < n_panels; ++p) {
+          OverRows<Tiles<M>::template Forward>(rows, s, packed, h, p);
+        }
       }
     });
   }
@@ -296,6 +263,8 @@ class SequenceForward : public OpKernel {
   int64_t chains_;
 };
 
+// M as above: the type of W_h and dzs (the backward's matmul operands).
+template <typename M>
 class SequenceBackward : public OpKernel {
  public:
   explicit SequenceBackward(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -307,7 +276,7 @@ class SequenceBackward : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& zs = ctx->input(0);
     const Tensor& w_h = ctx->input(6);
-    OP_REQUIRES_OK(ctx, CheckSequence(zs, w_h, chains_));
+    OP_REQUIRES_OK(ctx, CheckSequence<M>(zs, w_h, chains_));
     const int64_t batch = zs.dim_size(0), t_len = zs.dim_size(1), h = w_h.dim_size(0);
     const char* names[] = {"", "cs", "d_out", "c0", "dh_last", "dc_last"};
     for (int i = 1; i < 6; ++i) {
@@ -318,16 +287,16 @@ class SequenceBackward : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({batch, h}), &dh0));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({batch, h}), &dc0));
     const int64_t n_panels = (h + kPanel - 1) / kPanel;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<M>::value,
                                            TensorShape({n_panels * 4 * h * kPanel}), &panels));
-    float* packed = panels.flat<float>().data();
-    PackBackward(w_h.flat<float>().data(), h, packed);
+    M* packed = panels.flat<M>().data();
+    PackBackward(w_h.flat<M>().data(), h, packed);
     const float* zs_p = zs.flat<float>().data();
     const float* cs_p = ctx->input(1).flat<float>().data();
     const float* d_out = ctx->input(2).flat<float>().data();
     const float* c0 = ctx->input(3).flat<float>().data();
     const float* dh_last = ctx->input(4).flat<float>().data();
-    float* dzs_p = dzs->flat<float>().data();
+    M* dzs_p = dzs->flat<M>().data();
     float* dh0_p = dh0->flat<float>().data();
     float* dc = dc0->flat<float>().data();  // dL/dc, carried back step by step in place
     std::copy_n(ctx->input(5).flat<float>().data(), batch * h, dc);
@@ -336,11 +305,13 @@ class SequenceBackward : public OpKernel {
       const int64_t first = j * rows;
       for (int64_t t = t_len - 1; t >= 0; --t) {
         const int64_t now = first * t_len + t;
-        const BackwardStep s{t_len, t ? t_len : 1, zs_p + now * 4 * h, cs_p + now * h,
-                             t ? cs_p + (now - 1) * h : c0 + first * h, d_out + now * h,
-                             t + 1 < t_len ? dzs_p + (now + 1) * 4 * h : nullptr,
-                             dh_last + first * h, dc + first * h, dzs_p + now * 4 * h};
-        for (int64_t p = 0; p < n_panels; ++p) OverRows<BackwardRows>(rows, s, packed, h, p);
+        const BackwardStep<M> s{t_len, t ? t_len : 1, zs_p + now * 4 * h, cs_p + now * h,
+                                t ? cs_p + (now - 1) * h : c0 + first * h, d_out + now * h,
+                                t + 1 < t_len ? dzs_p + (now + 1) * 4 * h : nullptr,
+                                dh_last + first * h, dc + first * h, dzs_p + now * 4 * h};
+        for (int64_t p = 0; p < n_panels; ++p) {
+          OverRows<Tiles<M>::template Backward>(rows, s, packed, h, p);
+        }
       }
       // dL/dh0 = dz_0 W_h^T: the products alone, no gate math.
       for (int64_t r = 0; r < rows; ++r) {
@@ -361,16 +332,30 @@ class SequenceBackward : public OpKernel {
   int64_t chains_;
 };
 
+// Whether this build multiplies bfloat16 with vdpbf16ps (the bfloat16
+// kernels above are registered only then): pipeline.fused_lstm asks before
+// it picks them, so bfloat16 never runs a slow emulation silently.
+class SequenceBf16Native : public OpKernel {
+ public:
+  explicit SequenceBf16Native(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    Tensor* out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<bool>()() = CHARLSTM_BF16_DOT;
+  }
+};
+
 }  // namespace
 
 REGISTER_OP("CharlstmSequenceForward")
     .Input("xz: float")
-    .Input("w_h: float")
-    .Input("h0: float")
+    .Input("w_h: T")
+    .Input("h0: T")
     .Input("c0: float")
-    .Output("hs: float")
+    .Output("hs: T")
     .Output("cs: float")
     .Output("zs: float")
+    .Attr("T: {float, bfloat16} = DT_FLOAT")
     .Attr("chains: int >= 1")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* ctx) {
       using tensorflow::shape_inference::ShapeHandle;
@@ -391,10 +376,11 @@ REGISTER_OP("CharlstmSequenceBackward")
     .Input("c0: float")
     .Input("dh_last: float")
     .Input("dc_last: float")
-    .Input("w_h: float")
-    .Output("dzs: float")
+    .Input("w_h: T")
+    .Output("dzs: T")
     .Output("dh0: float")
     .Output("dc0: float")
+    .Attr("T: {float, bfloat16} = DT_FLOAT")
     .Attr("chains: int >= 1")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* ctx) {
       using tensorflow::shape_inference::ShapeHandle;
@@ -408,7 +394,21 @@ REGISTER_OP("CharlstmSequenceBackward")
       return absl::OkStatus();
     });
 
-REGISTER_KERNEL_BUILDER(Name("CharlstmSequenceForward").Device(tensorflow::DEVICE_CPU),
-                        SequenceForward);
-REGISTER_KERNEL_BUILDER(Name("CharlstmSequenceBackward").Device(tensorflow::DEVICE_CPU),
-                        SequenceBackward);
+REGISTER_OP("CharlstmSequenceBf16Native")
+    .Output("native: bool")
+    .SetShapeFn(tensorflow::shape_inference::ScalarShape);
+
+#define CHARLSTM_REGISTER(M)                                                                   \
+  REGISTER_KERNEL_BUILDER(                                                                     \
+      Name("CharlstmSequenceForward").Device(tensorflow::DEVICE_CPU).TypeConstraint<M>("T"),  \
+      SequenceForward<M>);                                                                     \
+  REGISTER_KERNEL_BUILDER(                                                                     \
+      Name("CharlstmSequenceBackward").Device(tensorflow::DEVICE_CPU).TypeConstraint<M>("T"), \
+      SequenceBackward<M>)
+
+CHARLSTM_REGISTER(float);
+#if CHARLSTM_BF16_DOT
+CHARLSTM_REGISTER(Eigen::bfloat16);
+#endif
+REGISTER_KERNEL_BUILDER(Name("CharlstmSequenceBf16Native").Device(tensorflow::DEVICE_CPU),
+                        SequenceBf16Native);
