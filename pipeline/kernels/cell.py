@@ -6,10 +6,13 @@ picks 'cc' (CPU, outside XLA):
   matmuls, gate math) as one op forward and one backward, one thread per
   chain. The train step ran 1.31x faster than with the per-step C++ gate
   kernels at H=256 and 1.02x at H=512 (same-process A/B; BUILD.md).
-- bfloat16: cell.cc, the per-step gate math between oneDNN's bfloat16
-  matmuls. As XLA kernels these cost more than their arithmetic (a dozen
-  fusions per call, 400 calls per step at T=100); the C++ op made the train
-  step 1.17-1.29x faster (and float32 1.10-1.23x, before sequence.cc).
+- bfloat16 where the build has AVX512-BF16 and the CPU no AMX
+  (`sequence_dtypes`): the same op on vdpbf16ps, 1.58x float32's train step
+  at H=512 on an AMD Zen 5 (a16 in launch.bench).
+- bfloat16 elsewhere: cell.cc, the per-step gate math between oneDNN's
+  bfloat16 matmuls. As XLA kernels these cost more than their arithmetic (a
+  dozen fusions per call, 400 calls per step at T=100); the C++ op made the
+  train step 1.17-1.29x faster (and float32 1.10-1.23x, before sequence.cc).
 Bench row d4 (the XLA kernels) measures the difference in every run.
 
 `load()` compiles both files into one binary with $CXX (else g++, else
