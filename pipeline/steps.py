@@ -207,12 +207,15 @@ def build(strategy, models, optimizer, *, global_batch, stream, clip_norm,
         'mode). Set --config.train.jit_compile=false, or train.cell_kernels=auto.')
   kernels = cell_kernels.resolve(kernels) if fused and mode == 'off' else 'xla'
   if fused:
-    # In float32 'cc' runs each layer's whole recurrence as one C++ op per pass
-    # (kernels/sequence.cc); bfloat16 keeps oneDNN's matmuls per step, with the
-    # C++ gate kernels (kernels/cell.cc) between them.
+    # 'cc' runs each layer's whole recurrence as one C++ op per pass
+    # (kernels/sequence.cc) in float32, and in bfloat16 where the CPU has
+    # vdpbf16ps without AMX; else bfloat16 keeps oneDNN's matmuls per step,
+    # with the C++ gate kernels (kernels/cell.cc) between them.
+    dtype = tf.as_dtype(models.lstms[0].compute_dtype)
+    whole = kernels == 'cc' and dtype in cell_kernels.sequence_dtypes() and (
+        dtype == tf.float32 or hidden % 2 == 0)
     logging.info('fused_lstm: %s.', 'XLA gate kernels' if kernels == 'xla' else
-                 'C++ recurrence op' if models.lstms[0].compute_dtype == 'float32'
-                 else 'C++ gate kernels')
+                 'C++ recurrence op' if whole else 'C++ gate kernels')
 
   def forward_backward(inputs, targets, h, c, noise):
     with tf.GradientTape() as tape, fused_lstm.swap_in(models.lstms, fused, chains,
