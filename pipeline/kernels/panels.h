@@ -7,6 +7,7 @@
 #define CHARLSTM_KERNELS_PANELS_H_
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -57,13 +58,17 @@ void PackForward(const M* w, int64_t k_dim, int64_t h, M* out) {
 
 // Backward panels of W_h^T (4H x H): panel p holds units [p 4L, p 4L + 4L)
 // for every k in [0, 4H), col v holding w[(p 4L + v) 4H + k], zero past H.
+// Blocks of 16 k: a block reads each of the panel's kPanel rows of w
+// contiguously (w is read across its rows, which a k-major loop strided).
 template <typename M>
 void PackBackward(const M* w, int64_t h, M* out) {
   for (int64_t p = 0; p * kPanel < h; ++p, out += 4 * h * kPanel)
-    for (int64_t k = 0; k < 4 * h; ++k)
+    for (int64_t k0 = 0; k0 < 4 * h; k0 += 16)
       for (int64_t v = 0; v < kPanel; ++v) {
         const int64_t u = p * kPanel + v;
-        out[At<M>(k, v)] = u < h ? w[u * 4 * h + k] : M(0.0f);
+        for (int64_t k = k0; k < std::min(k0 + 16, 4 * h); ++k) {
+          out[At<M>(k, v)] = u < h ? w[u * 4 * h + k] : M(0.0f);
+        }
       }
 }
 

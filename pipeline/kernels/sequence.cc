@@ -153,18 +153,32 @@ void ForwardTile(const ForwardStep<M>& s, const M* panels, int64_t h, int64_t r0
   }
 }
 
+// The backward carries dz from step to step (the next step's products
+// broadcast it) and dL/dc in compact padded rows, as the forward carries h
+// and c: (R, carry) states, (R, dz_carry) for dz.
 template <typename M>
-struct BackwardStep {  // strides as in ForwardStep; dh_last and dc are (B, H) states
-  int64_t seq, prev;
+struct BackwardStep {  // seq, prev as in ForwardStep; dh_last is a (B, H) state
+  int64_t seq, prev, carry, dz_carry;
   const float* z;       // (R, 4H) this step's pre-activations
   const float* c;       // (R, H) this step's cell state
   const float* c_prev;  // (R, H)
   const float* d_out;   // (R, H) dL/dh_t from the outputs
-  const M* dz_next;     // (R, 4H) dL/dz_{t+1}, or null at the last step
+  const M* dz_next;     // (R, dz_carry) dL/dz_{t+1}, or null at the last step
   const float* dh_last; // (R, H) dL/dh_T from outside, used at the last step only
-  float* dc;            // (R, H) in: dL/dc_t via c_{t+1}; out: dL/dc_{t-1}
+  float* dc;            // (R, carry) in: dL/dc_t via c_{t+1}; out: dL/dc_{t-1}
   M* dz;                // (R, 4H) out
+  M* dz_out;            // (R, dz_carry) out: dz again, for the next step
 };
+
+// Stores a float32 output that is not read again soon with StoreStream.
+template <typename M>
+void StoreOutput(const Packet& v, M* p, int64_t n) {
+  if constexpr (std::is_same_v<M, float>) {
+    StoreStream(v, p, n);
+  } else {
+    Store(v, p, n);
+  }
+}
 
 // Rows [r0, r0 + MR) of units [p 4L, p 4L + 4L), products over k in [k0, k1)
 // (of 4H): dh = d_out + dz_{t+1} W_h^T, its partial sums kept in `partial`
@@ -184,12 +198,10 @@ void BackwardTile(const BackwardStep<M>& s, const M* panels, int64_t h, int64_t 
     const int64_t at = row * s.seq * h + p * kPanel + back - (last ? h : 0);
     for (int v = 0; v < 4; ++v) {
       for (int g = 0; g < 4; ++g) Prefetch(s.z + z_at + g * h + v * kLanes, false);
-      for (int g = 0; g < 4; ++g) Prefetch(s.dz + z_at + g * h + v * kLanes, true);
       Prefetch(s.c + at + v * kLanes, false);
       Prefetch(s.d_out + at + v * kLanes, false);
       Prefetch(s.c_prev + row * s.prev * h + p * kPanel + back - (last ? h : 0) + v * kLanes,
                false);
-      Prefetch(s.dc + row * h + (last ? 0 : p * kPanel + back) + v * kLanes, true);
     }
   }
   Packet acc[kMaxRows][4];
@@ -200,21 +212,21 @@ void BackwardTile(const BackwardStep<M>& s, const M* panels, int64_t h, int64_t 
       if (!n) {
         acc[r][v] = Eigen::internal::pset1<Packet>(0.0f);
       } else if (k0) {
-        acc[r][v] = Load(partial + row * h + u, n);
+        acc[r][v] = Load(partial + row * s.carry + u, n);
       } else {
         acc[r][v] = Load(s.d_out + row * s.seq * h + u, n);
         if (!s.dz_next) acc[r][v] = Add(acc[r][v], Load(s.dh_last + row * h + u, n));
       }
     }
   if (s.dz_next) {
-    Dot<MR>(s.dz_next + r0 * s.seq * 4 * h + k0, s.seq * 4 * h,
+    Dot<MR>(s.dz_next + r0 * s.dz_carry + k0, s.dz_carry,
             panels + p * 4 * h * kPanel + k0 * kPanel, k1 - k0, acc);
   }
   if (k1 < 4 * h) {
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < 4; ++v) {
         const int64_t u = p * kPanel + v * kLanes, n = std::clamp<int64_t>(h - u, 0, kLanes);
-        if (n) Store(acc[r][v], partial + (r0 + r) * h + u, n);
+        if (n) Store(acc[r][v], partial + (r0 + r) * s.carry + u, n);
       }
     return;
   }
@@ -222,10 +234,11 @@ void BackwardTile(const BackwardStep<M>& s, const M* panels, int64_t h, int64_t 
     const int64_t row = r0 + r;
     const float* z = s.z + row * s.seq * 4 * h;
     M* dz = s.dz + row * s.seq * 4 * h;
+    M* dz_out = s.dz_out + row * s.dz_carry;
     for (int v = 0; v < 4; ++v) {
       const int64_t j = p * kPanel + v * kLanes, n = std::min(kLanes, h - j);
       if (n <= 0) break;
-      const int64_t at = row * s.seq * h + j, state = row * h + j;
+      const int64_t at = row * s.seq * h + j, state = row * s.carry + j;
       const Packet& dh = acc[r][v];
       const Packet i = Sigmoid(Load(z + j, n));
       const Packet f = Sigmoid(Load(z + h + j, n));
@@ -234,10 +247,14 @@ void BackwardTile(const BackwardStep<M>& s, const M* panels, int64_t h, int64_t 
       const Packet tanh_c = Tanh(Load(s.c + at, n));
       const Packet dc = Add(Load(s.dc + state, n), Mul(Mul(dh, o), OneMinus(Mul(tanh_c, tanh_c))));
       const Packet c_prev = Load(s.c_prev + row * s.prev * h + j, n);
-      Store(Mul(Mul(Mul(dc, g), i), OneMinus(i)), dz + j, n);
-      Store(Mul(Mul(Mul(dc, c_prev), f), OneMinus(f)), dz + h + j, n);
-      Store(Mul(Mul(dc, i), OneMinus(Mul(g, g))), dz + 2 * h + j, n);
-      Store(Mul(Mul(Mul(dh, tanh_c), o), OneMinus(o)), dz + 3 * h + j, n);
+      const Packet dz_g[4] = {Mul(Mul(Mul(dc, g), i), OneMinus(i)),
+                              Mul(Mul(Mul(dc, c_prev), f), OneMinus(f)),
+                              Mul(Mul(dc, i), OneMinus(Mul(g, g))),
+                              Mul(Mul(Mul(dh, tanh_c), o), OneMinus(o))};
+      for (int q = 0; q < 4; ++q) {
+        StoreOutput(dz_g[q], dz + q * h + j, n);
+        Store(dz_g[q], dz_out + q * h + j, n);
+      }
       Store(Mul(dc, f), s.dc + state, n);
     }
   }
@@ -260,6 +277,22 @@ void OverRows(int64_t rows, Args&&... args) {
   if (left == 1) Tile<1>::Run(r0, args...);
 }
 
+// Rows [r0, r0 + MR) of a (R, 4H) times W_h^T's units [p 4L, p 4L + 4L), into
+// out (R, H): the backward's dL/dh0 = dz_0 W_h^T, with no gate math.
+template <int MR, typename M>
+void ProductsTile(const M* a, int64_t lda, const M* panels, int64_t h, int64_t r0, int64_t p,
+                  float* out) {
+  Packet acc[kMaxRows][4];
+  for (int r = 0; r < MR; ++r)
+    for (auto& x : acc[r]) x = Eigen::internal::pset1<Packet>(0.0f);
+  Dot<MR>(a + r0 * lda, lda, panels + p * 4 * h * kPanel, 4 * h, acc);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 4; ++v) {
+      const int64_t u = p * kPanel + v * kLanes, n = std::min(kLanes, h - u);
+      if (n > 0) Store(acc[r][v], out + (r0 + r) * h + u, n);
+    }
+}
+
 template <typename M>
 struct Tiles {
   template <int MR>
@@ -274,6 +307,13 @@ struct Tiles {
     static void Run(int64_t r0, const BackwardStep<M>& s, const M* panels, int64_t h, int64_t p,
                     int64_t k0, int64_t k1, float* partial) {
       BackwardTile<MR>(s, panels, h, r0, p, k0, k1, partial);
+    }
+  };
+  template <int MR>
+  struct Products {
+    static void Run(int64_t r0, const M* a, int64_t lda, const M* panels, int64_t h, int64_t p,
+                    float* out) {
+      ProductsTile<MR>(a, lda, panels, h, r0, p, out);
     }
   };
 };
@@ -417,8 +457,17 @@ class SequenceBackward : public OpKernel {
     }
     Tensor *dzs, *dh0, *dc0, panels, sums;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, zs.shape(), &dzs));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({batch, h}), &sums));
+    const int64_t carry = h + kLanes, dz_carry = 4 * h + kLanes;
+    Tensor dc_carried, dz_carried;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({batch, carry}),
+                                           &sums));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({batch, carry}),
+                                           &dc_carried));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<M>::value,
+                                           TensorShape({2, batch, dz_carry}), &dz_carried));
     float* partial = sums.flat<float>().data();  // dh's partial sums between k blocks
+    float* dc = dc_carried.flat<float>().data();  // dL/dc, carried back step by step in place
+    M* dz_c = dz_carried.flat<M>().data();
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({batch, h}), &dh0));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({batch, h}), &dc0));
     const int64_t n_panels = (h + kPanel - 1) / kPanel;
@@ -433,39 +482,38 @@ class SequenceBackward : public OpKernel {
     const float* dh_last = ctx->input(4).flat<float>().data();
     M* dzs_p = dzs->flat<M>().data();
     float* dh0_p = dh0->flat<float>().data();
-    float* dc = dc0->flat<float>().data();  // dL/dc, carried back step by step in place
-    std::copy_n(ctx->input(5).flat<float>().data(), batch * h, dc);
+    const float* dc_last = ctx->input(5).flat<float>().data();
+    float* dc0_p = dc0->flat<float>().data();
     const int64_t rows = batch / chains_;
     ForChains(ctx, chains_, [&](int64_t j) {
       const int64_t first = j * rows;
+      for (int64_t r = first; r < first + rows; ++r) std::copy_n(dc_last + r * h, h, dc + r * carry);
       for (int64_t t = t_len - 1; t >= 0; --t) {
         const int64_t now = first * t_len + t;
-        const BackwardStep<M> s{t_len, t ? t_len : 1, zs_p + now * 4 * h, cs_p + now * h,
-                                t ? cs_p + (now - 1) * h : c0 + first * h, d_out + now * h,
-                                t + 1 < t_len ? dzs_p + (now + 1) * 4 * h : nullptr,
-                                dh_last + first * h, dc + first * h, dzs_p + now * 4 * h};
+        const int64_t out = (t & 1) * batch * dz_carry, in = batch * dz_carry - out;
+        const BackwardStep<M> s{t_len, t ? t_len : 1, carry, dz_carry, zs_p + now * 4 * h,
+                                cs_p + now * h, t ? cs_p + (now - 1) * h : c0 + first * h,
+                                d_out + now * h,
+                                t + 1 < t_len ? dz_c + in + first * dz_carry : nullptr,
+                                dh_last + first * h, dc + first * carry, dzs_p + now * 4 * h,
+                                dz_c + out + first * dz_carry};
         for (int64_t p = 0; p < n_panels; ++p) {
           // The last step has no dz_{t+1}: one call, no products.
           const int64_t block = s.dz_next ? kBlock<M> : 4 * h;
           for (int64_t k0 = 0; k0 < 4 * h; k0 += block) {
             OverRows<Tiles<M>::template Backward>(rows, s, packed, h, p, k0,
                                                   std::min(4 * h, k0 + block),
-                                                  partial + first * h);
+                                                  partial + first * carry);
           }
         }
       }
       // dL/dh0 = dz_0 W_h^T: the products alone, no gate math.
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t p = 0; p < n_panels; ++p) {
-          Packet acc[kMaxRows][4];
-          for (auto& a : acc[0]) a = Eigen::internal::pset1<Packet>(0.0f);
-          Dot<1>(dzs_p + (first + r) * t_len * 4 * h, 4 * h, packed + p * 4 * h * kPanel, 4 * h, acc);
-          for (int v = 0; v < 4; ++v) {
-            const int64_t u = p * kPanel + v * kLanes, n = std::min(kLanes, h - u);
-            if (n > 0) Store(acc[0][v], dh0_p + (first + r) * h + u, n);
-          }
-        }
+      for (int64_t p = 0; p < n_panels; ++p) {
+        OverRows<Tiles<M>::template Products>(rows, dz_c + first * dz_carry, dz_carry, packed, h,
+                                              p, dh0_p + first * h);
       }
+      for (int64_t r = first; r < first + rows; ++r) std::copy_n(dc + r * carry, h, dc0_p + r * h);
+      StreamFence();  // dz's streamed stores, before another thread reads them
     });
   }
 
