@@ -128,6 +128,9 @@ _SEQUENCE = {'CharlstmSequenceForward', 'CharlstmSequenceBackward'}
 
 
 _BF16_WHOLE = tf.bfloat16 in cell_kernels.sequence_dtypes()  # AVX512-BF16 build, no AMX
+# The op's bfloat16 kernels exist wherever the build has vdpbf16ps (AMX hosts
+# too, where training takes the per-step path), so they can be tested there.
+_BF16_KERNELS = bool(cell_kernels.load().charlstm_sequence_bf16_native())
 
 
 @pytest.fixture
@@ -200,9 +203,10 @@ def test_the_whole_sequence_op_matches_the_per_step_loop(input_grad):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.skipif(not _BF16_WHOLE, reason='no vdpbf16ps build on this CPU (or it has AMX)')
+@pytest.mark.skipif(not _BF16_KERNELS, reason='no vdpbf16ps build on this CPU')
 @pytest.mark.parametrize('input_grad', [False, True])
 def test_the_bfloat16_sequence_op_tracks_the_per_step_bfloat16_loop(input_grad, monkeypatch):
+  monkeypatch.setattr(cell_kernels, 'sequence_dtypes', lambda: (tf.float32, tf.bfloat16))
   whole = _sequence_outputs('cc', input_grad, dtype=tf.bfloat16)
   monkeypatch.setattr(cell_kernels, 'sequence_dtypes', lambda: (tf.float32,))
   per_step = _sequence_outputs('cc', input_grad, dtype=tf.bfloat16)
@@ -241,8 +245,10 @@ def test_the_fused_gradient_with_cc_kernels_is_bitwise_repeatable(dtype, per_ste
   # Exact resume needs every run of a step to give the same bits wherever its
   # buffers happen to be allocated (Eigen's array code computes the unaligned
   # head of a buffer with its scalar tanh, which differs in the last bit).
-  if per_step:  # the cell op between oneDNN's matmuls (else the sequence op where it runs)
+  if per_step:  # the cell op between oneDNN's matmuls
     monkeypatch.setattr(cell_kernels, 'sequence_dtypes', lambda: (tf.float32,))
+  elif _BF16_KERNELS:  # else the sequence op, in bfloat16 too wherever its kernels exist
+    monkeypatch.setattr(cell_kernels, 'sequence_dtypes', lambda: (tf.float32, tf.bfloat16))
   h, b, t, v = 72, 8, 16, 11  # 72 columns: whole packets and a partial one
   rng = np.random.default_rng(0)
   x = tf.one_hot(rng.integers(v, size=(b, t)), v, dtype=dtype)
