@@ -6,9 +6,9 @@ picks 'cc' (CPU, outside XLA):
   matmuls, gate math) as one op forward and one backward, one thread per
   chain. The train step ran 1.31x faster than with the per-step C++ gate
   kernels at H=256 and 1.02x at H=512 (same-process A/B; BUILD.md).
-- bfloat16 where the build has AVX512-BF16 and the CPU no AMX
-  (`sequence_dtypes`): the same op on vdpbf16ps, 1.58x float32's train step
-  at H=512 on an AMD Zen 5 (a16 in launch.bench).
+- bfloat16 where the build has AVX512-BF16 (`sequence_dtypes`): the same
+  op, its products on AMX tiles where the CPU has AMX (amx.h; 2.29x
+  float32's train step at H=512), else on vdpbf16ps (1.58x on an AMD Zen 5).
 - bfloat16 elsewhere: cell.cc, the per-step gate math between oneDNN's
   bfloat16 matmuls. As XLA kernels these cost more than their arithmetic (a
   dozen fusions per call, 400 calls per step at T=100); the C++ op made the
@@ -46,7 +46,7 @@ from pipeline import errors
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(_HERE, name) for name in ('cell.cc', 'sequence.cc')]
-HEADERS = [os.path.join(_HERE, name) for name in ('packets.h', 'panels.h')]
+HEADERS = [os.path.join(_HERE, name) for name in ('packets.h', 'panels.h', 'amx.h')]
 KINDS = config.CELL_KERNELS
 _COMPILE_TIMEOUT_S = 600
 # Tried in order: Eigen's AVX512-FP16 packet code fails to compile with GCC 12
@@ -196,18 +196,21 @@ def sequence_dtypes():
   """The matmul dtypes whose whole recurrence runs as sequence.cc's op here.
 
   float32 always (once the ops load). bfloat16 where this build multiplies
-  with AVX512-BF16's vdpbf16ps (the op library says; it registers no slow
-  emulation) and the CPU has no AMX: on AMX hosts oneDNN's bfloat16 matmuls
-  with the per-step gate op are what was measured (bfloat16 1.59x float32 at
-  H=512, BUILD.md), the vdpbf16ps op was not. Elsewhere bfloat16 keeps that
-  per-step loop.
+  bfloat16 natively (the op library says; it registers no slow emulation):
+  on AMX tiles where the CPU has AMX (amx.h; the train step 2.29x float32's
+  at H=512 against 1.36x for the per-step loop of oneDNN's AMX matmuls, same
+  process, 2026-12-07), else with AVX512-BF16's vdpbf16ps (1.58x float32 at
+  H=512 on an AMD Zen 5). On an AMX CPU whose kernel refuses this process
+  the tiles, the per-step loop, which oneDNN runs as it can, stays: the
+  vdpbf16ps op measured 1.05x float32 there against 1.33x.
   """
   if 'dtypes' not in _state:
     ops = load()
     with tf.init_scope():  # an eager answer, also while a tf.function traces
       native = bool(ops.charlstm_sequence_bf16_native())
+      tiles = bool(ops.charlstm_sequence_amx())
     amx = 'amx_bf16' in _cpu_flags().split()
-    _state['dtypes'] = (tf.float32, tf.bfloat16) if native and not amx else (tf.float32,)
+    _state['dtypes'] = (tf.float32, tf.bfloat16) if native and (tiles or not amx) else (tf.float32,)
   return _state['dtypes']
 
 

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <type_traits>
 
 #include "tensorflow/core/framework/common_shape_fns.h"
@@ -36,6 +37,7 @@
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/platform/blocking_counter.h"
 #include "tensorflow/core/platform/threadpool.h"
+#include "amx.h"
 #include "packets.h"
 #include "panels.h"
 
@@ -333,6 +335,36 @@ void ForChains(OpKernelContext* ctx, int64_t chains, const std::function<void(in
   done.Wait();
 }
 
+// bfloat16 products on AMX tiles (amx.h) where the build and the kernel
+// allow them, for 16-row blocks of whole 64-unit panels; other shapes, and
+// float32, run the kernels above.
+template <typename M>
+bool UseAmx(int64_t rows, int64_t h) {
+  return std::is_same_v<M, Bf16> && AmxReady() && rows % 16 == 0 && h % 64 == 0;
+}
+
+// Holds the calling thread's tile configuration while a chain runs.
+class AmxScope {
+ public:
+  explicit AmxScope(bool on) {
+#if CHARLSTM_AMX
+    if (on) tiles_.emplace();
+#endif
+  }
+
+ private:
+#if CHARLSTM_AMX
+  std::optional<AmxTiles> tiles_;
+#endif
+};
+
+template <typename M>
+void AmxRows(const M* a, int64_t lda, const M* panel, int64_t k_dim, float* c, int64_t ldc) {
+#if CHARLSTM_AMX
+  if constexpr (std::is_same_v<M, Bf16>) AmxProducts(a, lda, panel, k_dim, c, ldc);
+#endif
+}
+
 // Shapes are checked once here, not per step: a wrong one would read past a buffer.
 template <typename M>
 absl::Status CheckSequence(const Tensor& seq4, const Tensor& w_h, int64_t chains) {
@@ -405,8 +437,10 @@ class SequenceForward : public OpKernel {
     float* cs_p = cs->flat<float>().data();
     float* zs_p = zs->flat<float>().data();
     const int64_t rows = batch / chains_;
+    const bool amx = UseAmx<M>(rows, h);
     ForChains(ctx, chains_, [&](int64_t j) {
       const int64_t first = j * rows;
+      const AmxScope tiles(amx);
       for (int64_t r = first; r < first + rows; ++r) {
         std::copy_n(h0 + r * h, h, h_carry + r * carry);
         std::copy_n(c0 + r * h, h, c_carry + r * carry);
@@ -421,6 +455,14 @@ class SequenceForward : public OpKernel {
                                stage + first * stride, stride};
         Stage(true, s.xz, s.z, t_len, s.stage, stride, rows, h);
         for (int64_t p = 0; p < n_panels; ++p) {
+          if (amx) {  // the products on tiles, then the tiles' gate math alone (k in [H, H))
+            for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+              AmxRows(s.h_prev + r0 * carry, carry, packed + p * h * kPanel, h,
+                      s.stage + r0 * stride + p * kPanel, stride);
+            }
+            OverRows<Tiles<M>::template Forward>(rows, s, packed, h, p, h, h);
+            continue;
+          }
           for (int64_t k0 = 0; k0 < h; k0 += kBlock<M>) {
             OverRows<Tiles<M>::template Forward>(rows, s, packed, h, p, k0,
                                                  std::min(h, k0 + kBlock<M>));
@@ -485,8 +527,10 @@ class SequenceBackward : public OpKernel {
     const float* dc_last = ctx->input(5).flat<float>().data();
     float* dc0_p = dc0->flat<float>().data();
     const int64_t rows = batch / chains_;
+    const bool amx = UseAmx<M>(rows, h);
     ForChains(ctx, chains_, [&](int64_t j) {
       const int64_t first = j * rows;
+      const AmxScope tiles(amx);
       for (int64_t r = first; r < first + rows; ++r) std::copy_n(dc_last + r * h, h, dc + r * carry);
       for (int64_t t = t_len - 1; t >= 0; --t) {
         const int64_t now = first * t_len + t;
@@ -498,6 +542,18 @@ class SequenceBackward : public OpKernel {
                                 dh_last + first * h, dc + first * carry, dzs_p + now * 4 * h,
                                 dz_c + out + first * dz_carry};
         for (int64_t p = 0; p < n_panels; ++p) {
+          if (amx && s.dz_next) {  // dh = d_out + dz_{t+1} W_h^T on tiles, then the gate math
+            float* sums = partial + first * carry;
+            for (int64_t r = 0; r < rows; ++r) {
+              std::copy_n(s.d_out + r * t_len * h + p * kPanel, kPanel, sums + r * carry + p * kPanel);
+            }
+            for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+              AmxRows(s.dz_next + r0 * dz_carry, dz_carry, packed + p * 4 * h * kPanel, 4 * h,
+                      sums + r0 * carry + p * kPanel, carry);
+            }
+            OverRows<Tiles<M>::template Backward>(rows, s, packed, h, p, 4 * h, 4 * h, sums);
+            continue;
+          }
           // The last step has no dz_{t+1}: one call, no products.
           const int64_t block = s.dz_next ? kBlock<M> : 4 * h;
           for (int64_t k0 = 0; k0 < 4 * h; k0 += block) {
@@ -524,6 +580,16 @@ class SequenceBackward : public OpKernel {
 // Whether this build multiplies bfloat16 with vdpbf16ps (the bfloat16
 // kernels above are registered only then): pipeline.fused_lstm asks before
 // it picks them, so bfloat16 never runs a slow emulation silently.
+class SequenceAmx : public OpKernel {  // whether bfloat16 products run on AMX tiles here
+ public:
+  explicit SequenceAmx(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    Tensor* out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<bool>()() = AmxReady();
+  }
+};
+
 class SequenceBf16Native : public OpKernel {
  public:
   explicit SequenceBf16Native(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -583,6 +649,10 @@ REGISTER_OP("CharlstmSequenceBackward")
       return absl::OkStatus();
     });
 
+REGISTER_OP("CharlstmSequenceAmx")
+    .Output("amx: bool")
+    .SetShapeFn(tensorflow::shape_inference::ScalarShape);
+
 REGISTER_OP("CharlstmSequenceBf16Native")
     .Output("native: bool")
     .SetShapeFn(tensorflow::shape_inference::ScalarShape);
@@ -601,3 +671,4 @@ CHARLSTM_REGISTER(Eigen::bfloat16);
 #endif
 REGISTER_KERNEL_BUILDER(Name("CharlstmSequenceBf16Native").Device(tensorflow::DEVICE_CPU),
                         SequenceBf16Native);
+REGISTER_KERNEL_BUILDER(Name("CharlstmSequenceAmx").Device(tensorflow::DEVICE_CPU), SequenceAmx);
