@@ -30,9 +30,9 @@ The matmuls, and so the FLOPs, are the ones the Keras layer does. The values
 agree with Keras's to float32 rounding (tests/fused_lstm_test.py).
 
 bfloat16 (runtime.precision=bfloat16, Keras's mixed_bfloat16 layers) runs the
-same matmuls on bfloat16 operands, which oneDNN multiplies with AMX or
-AVX512-BF16 where the CPU has them (2-3x float32's rate at these shapes on
-this project's machine), while the gate math and the cell state stay float32:
+same matmuls on bfloat16 operands, multiplied with AMX or AVX512-BF16 where
+the CPU has them (the recurrence in kernels/sequence.cc, on AMX tiles or
+vdpbf16ps; the other matmuls in oneDNN), while the gate math and the cell state stay float32:
 more precise than Keras's own bfloat16 loop, which keeps c in bfloat16. The
 first layer's input projection stays float32 too (see lstm_sequence's
 input_grad).
@@ -187,7 +187,7 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, ch
   Args:
     x: (B, T, D) inputs, float32 or bfloat16. Their dtype is the matmuls'
       dtype: bfloat16 runs the matmuls, forward and backward, in bfloat16
-      (oneDNN's AMX or AVX512-BF16 kernels, float32 accumulation), but for
+      (AMX or AVX512-BF16, float32 accumulation), but for
       the first layer's input projection (input_grad=False); the gate
       math and the cell state c stay float32, so bfloat16 rounds the matmul
       operands and results (TensorFlow has no bfloat16 -> float32 CPU matmul;
