@@ -6,8 +6,8 @@
 #ifndef CHARLSTM_KERNELS_PANELS_H_
 #define CHARLSTM_KERNELS_PANELS_H_
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
