@@ -164,20 +164,24 @@ def _weight_grads(x_rows, h_prev, dz_rows, input_grad, w_x):
   """(d_w_x, d_w_h, d_b, dx rows or None) over all rows, each block its own matmul.
 
   Blocks are chains (per-step path) or the whole batch (the C++ recurrence);
-  their products are summed in float32.
+  their products are summed in float32. h_prev: (rows, H) blocks, or one
+  (B, T, H) array with x_rows's one block (B, T, D) (the C++ recurrence).
+  The three weight gradients share their right operand dz, so each block is
+  one matmul, [h, x, 1]^T dz: d_b rides as a column of ones (a reduce_sum
+  over the (T * B/k, 4H) rows took 5-11 ms per chain per step at H=512),
+  and at H=256 d_w_x's own matmul (M = V + 1, K = T B) ran at 80 GFLOP/s
+  beside d_w_h's, which it slowed (bench case a, BUILD.md).
   """
-  def summed(products):
-    return tf.add_n([tf.cast(p, tf.float32) for p in products])
-  d_w_h = summed(tf.matmul(h, dz, transpose_a=True) for h, dz in zip(h_prev, dz_rows))
-  # d_b rides in d_w_x's matmul as a column of ones beside x: a reduce_sum
-  # over the (T * B/k, 4H) rows (and, in bfloat16, their cast to float32)
-  # took 5-11 ms per chain per step at H=512, the matmul's extra row ~0.
-  ones = tf.ones([tf.shape(x_rows[0])[0], 1], dz_rows[0].dtype)
-  d_w_xb = summed(tf.matmul(tf.concat([r, ones], 1), dz, transpose_a=True)
-                  for r, dz in zip(x_rows, dz_rows))
   d = w_x.shape[0]
+  products = []
+  for x, h, dz in zip(x_rows, h_prev, dz_rows):
+    ones = tf.ones(tf.concat([tf.shape(x)[:-1], [1]], 0), dz.dtype)
+    left = tf.concat([tf.cast(h, dz.dtype), tf.cast(x, dz.dtype), ones], -1)
+    products.append(tf.matmul(tf.reshape(left, [-1, left.shape[-1]]), dz, transpose_a=True))
+  grads = tf.add_n([tf.cast(p, tf.float32) for p in products])
+  hid = grads.shape[0] - d - 1
   dx = [tf.matmul(dz, w_x, transpose_b=True) for dz in dz_rows] if input_grad else None
-  return d_w_xb[:d], d_w_h, d_w_xb[d], dx
+  return grads[hid:hid + d], grads[:hid], grads[hid + d], dx
 
 
 def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, chains=1,
@@ -340,9 +344,9 @@ def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chain
       dc_last = tf.zeros_like(c_init) if d_c_t is None else tf.cast(d_c_t, f32)
       dzs, dh0, dc0 = ops.charlstm_sequence_backward(zs, cs, tf.cast(d_outputs, f32), c_init,
                                                      dh_last, dc_last, w_h_m, chains=chains)
-      h_prev = tf.reshape(tf.concat([h0_m[:, None], hs[:, :-1]], 1), [-1, hid])
+      h_prev = tf.concat([h0_m[:, None], hs[:, :-1]], 1)  # (B, T, H)
       d_w_x, d_w_h, d_b, dx = _weight_grads(
-          [x_rows], [h_prev], [tf.reshape(dzs, [-1, 4 * hid])], input_grad, w_x_m)
+          [x], [h_prev], [tf.reshape(dzs, [-1, 4 * hid])], input_grad, w_x_m)
       if dx is not None:
         dx = tf.reshape(dx[0], [batch, t_len, d])
       return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), tf.cast(d_w_x, w_x.dtype),
