@@ -45,6 +45,29 @@ class _PreReducedAdam(keras.optimizers.Adam):
   def _all_reduce_sum_gradients(self, grads_and_vars):
     return list(grads_and_vars)
 
+  def update_step(self, gradient, variable, learning_rate):
+    """Keras's Adam update as TensorFlow's fused ResourceApplyAdam: one kernel per variable.
+
+    The same arithmetic (m += (g - m)(1 - b1), v += (g^2 - v)(1 - b2),
+    w -= m alpha / (sqrt(v) + eps), alpha = lr sqrt(1 - b2^t) / (1 - b1^t)),
+    where Keras's graph is ~15 small ops per variable: 8 ms of a 211 ms step at
+    H=512 on 2 cores (profiled bench case a). The op has CPU, GPU and XLA
+    (TPU) kernels; other variable types (amsgrad) keep Keras's ops.
+    """
+    if self.amsgrad or not hasattr(variable, 'handle'):
+      return super().update_step(gradient, variable, learning_rate)
+    dtype = variable.dtype
+    step = tf.cast(self.iterations + 1, dtype)
+    m = self._momentums[self._get_variable_index(variable)]
+    v = self._velocities[self._get_variable_index(variable)]
+    return tf.raw_ops.ResourceApplyAdam(
+        var=variable.handle, m=m.value.handle, v=v.value.handle,
+        beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
+        beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
+        lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype),
+        beta2=tf.cast(self.beta_2, dtype), epsilon=tf.cast(self.epsilon, dtype),
+        grad=tf.cast(gradient, dtype))
+
 
 def make_optimizer(train_cfg, precision='float32'):
   """Adam with linear warm-up and optional cosine decay to 10%; loss-scaled for float16.
