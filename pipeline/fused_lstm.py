@@ -160,24 +160,27 @@ def _project(x_rows, w_x, b, input_grad):
           for r, i in zip(x_rows, ids)]
 
 
-def _weight_grads(x_rows, h_prev, dz_rows, input_grad, w_x):
+def _left(h, x):
+  """[h, x, 1] along the last axis: the weight gradients' left operand (see _weight_grads)."""
+  ones = tf.ones(tf.concat([tf.shape(x)[:-1], [1]], 0), h.dtype)
+  return tf.concat([h, tf.cast(x, h.dtype), ones], -1)
+
+
+def _weight_grads(lefts, dz_rows, input_grad, w_x):
   """(d_w_x, d_w_h, d_b, dx rows or None) over all rows, each block its own matmul.
 
   Blocks are chains (per-step path) or the whole batch (the C++ recurrence);
-  their products are summed in float32. h_prev: (rows, H) blocks, or one
-  (B, T, H) array with x_rows's one block (B, T, D) (the C++ recurrence).
-  The three weight gradients share their right operand dz, so each block is
-  one matmul, [h, x, 1]^T dz: d_b rides as a column of ones (a reduce_sum
-  over the (T * B/k, 4H) rows took 5-11 ms per chain per step at H=512),
-  and at H=256 d_w_x's own matmul (M = V + 1, K = T B) ran at 80 GFLOP/s
-  beside d_w_h's, which it slowed (bench case a, BUILD.md).
+  their products are summed in float32. lefts: each block's rows of
+  [h_{t-1}, x_t, 1] (`_left`; the C++ recurrence writes them itself), in
+  dz_rows's order. The three weight gradients share their right operand dz,
+  so each block is one matmul, [h, x, 1]^T dz: d_b rides as a column of
+  ones (a reduce_sum over the (T * B/k, 4H) rows took 5-11 ms per chain per
+  step at H=512), and at H=256 d_w_x's own matmul (M = V + 1, K = T B) ran
+  at 80 GFLOP/s beside d_w_h's, which it slowed (bench case a, BUILD.md).
   """
   d = w_x.shape[0]
-  products = []
-  for x, h, dz in zip(x_rows, h_prev, dz_rows):
-    ones = tf.ones(tf.concat([tf.shape(x)[:-1], [1]], 0), dz.dtype)
-    left = tf.concat([tf.cast(h, dz.dtype), tf.cast(x, dz.dtype), ones], -1)
-    products.append(tf.matmul(tf.reshape(left, [-1, left.shape[-1]]), dz, transpose_a=True))
+  products = [tf.matmul(tf.reshape(left, [-1, left.shape[-1]]), dz, transpose_a=True)
+              for left, dz in zip(lefts, dz_rows)]
   grads = tf.add_n([tf.cast(p, tf.float32) for p in products])
   hid = grads.shape[0] - d - 1
   dx = [tf.matmul(dz, w_x, transpose_b=True) for dz in dz_rows] if input_grad else None
@@ -297,10 +300,10 @@ def _per_step(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chains, ker
       dh0, dc0 = tf.concat(dh0, 0), tf.concat(dc0, 0)
       # The weight gradients: one matmul each over each chain's T * B/k rows.
       dz_rows = [tf.reshape(a.stack(), [-1, 4 * hid]) for a in dzs]
-      h_prev = [tf.reshape(tf.concat([h[None], hs[:-1]], 0), [-1, hid])
-                for h, hs in zip(tf.split(h0_m, k), h_stacks)]
+      lefts = [_left(tf.reshape(tf.concat([h[None], hs[:-1]], 0), [-1, hid]), x)
+               for h, hs, x in zip(tf.split(h0_m, k), h_stacks, x_rows)]
 
-      d_w_x, d_w_h, d_b, dx = _weight_grads(x_rows, h_prev, dz_rows, input_grad, w_x_m)
+      d_w_x, d_w_h, d_b, dx = _weight_grads(lefts, dz_rows, input_grad, w_x_m)
       if dx is not None:
         dx = tf.transpose(tf.concat([tf.reshape(p, [t_len, -1, d]) for p in dx], 1), [1, 0, 2])
       return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), tf.cast(d_w_x, w_x.dtype),
@@ -335,7 +338,10 @@ def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chain
     xz = tf.reshape(_project([x_rows], w_x_m, tf.cast(b, f32), input_grad)[0],
                     [batch, t_len, 4 * hid])
     h0_m, c_init = tf.cast(h0, md), tf.cast(c0, f32)
-    hs, cs, zs = ops.charlstm_sequence_forward(xz, w_h_m, h0_m, c_init, chains=chains)
+    # tail: the op writes the weight gradients' left operand [h_{t-1}, x_t, 1].
+    tail = tf.concat([x, tf.ones([batch, t_len, 1], md)], -1)
+    hs, cs, zs, (left,) = ops.charlstm_sequence_forward(xz, w_h_m, h0_m, c_init, [tail],
+                                                        chains=chains)
     # h_T in float32 (hs holds it rounded to bfloat16 there).
     h_t = hs[:, -1] if md == f32 else tf.sigmoid(zs[:, -1, 3 * hid:]) * tf.tanh(cs[:, -1])
 
@@ -344,9 +350,8 @@ def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chain
       dc_last = tf.zeros_like(c_init) if d_c_t is None else tf.cast(d_c_t, f32)
       dzs, dh0, dc0 = ops.charlstm_sequence_backward(zs, cs, tf.cast(d_outputs, f32), c_init,
                                                      dh_last, dc_last, w_h_m, chains=chains)
-      h_prev = tf.concat([h0_m[:, None], hs[:, :-1]], 1)  # (B, T, H)
       d_w_x, d_w_h, d_b, dx = _weight_grads(
-          [x], [h_prev], [tf.reshape(dzs, [-1, 4 * hid])], input_grad, w_x_m)
+          [left], [tf.reshape(dzs, [-1, 4 * hid])], input_grad, w_x_m)
       if dx is not None:
         dx = tf.reshape(dx[0], [batch, t_len, d])
       return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), tf.cast(d_w_x, w_x.dtype),

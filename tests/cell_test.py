@@ -174,15 +174,15 @@ def test_the_bfloat16_sequence_op_is_registered_only_with_vdpbf16ps():
   assert native == ('avx512_bf16' in flags)  # built with -march=native
   w, state = tf.zeros([4, 16], tf.bfloat16), tf.zeros([2, 4], tf.bfloat16)
   if native:
-    hs, _, _ = ops.charlstm_sequence_forward(tf.zeros([2, 3, 16]), w, state, tf.zeros([2, 4]),
-                                             chains=1)
+    hs = ops.charlstm_sequence_forward(tf.zeros([2, 3, 16]), w, state, tf.zeros([2, 4]), [],
+                                       chains=1)[0]
     assert hs.dtype == tf.bfloat16
     with pytest.raises(tf.errors.InvalidArgumentError, match='bfloat16 needs an even H'):
       ops.charlstm_sequence_forward(tf.zeros([2, 3, 12]), tf.zeros([3, 12], tf.bfloat16),
-                                    tf.zeros([2, 3], tf.bfloat16), tf.zeros([2, 3]), chains=1)
+                                    tf.zeros([2, 3], tf.bfloat16), tf.zeros([2, 3]), [], chains=1)
   else:
     with pytest.raises(tf.errors.NotFoundError):
-      ops.charlstm_sequence_forward(tf.zeros([2, 3, 16]), w, state, tf.zeros([2, 4]), chains=1)
+      ops.charlstm_sequence_forward(tf.zeros([2, 3, 16]), w, state, tf.zeros([2, 4]), [], chains=1)
 
 
 def _sequence_outputs(kernels, input_grad, h=72, b=16, t=9, v=11, chains=2, dtype=tf.float32):
@@ -241,14 +241,33 @@ def test_the_kernels_check_their_shapes():
                                tf.zeros([2, 3]))
   state, seq = tf.zeros([4, 3]), tf.zeros([4, 5, 12])  # B=4, T=5, H=3
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'W_h \(H, 4H\).*do not match'):
-    ops.charlstm_sequence_forward(seq, tf.zeros([3, 8]), state, state, chains=2)
+    ops.charlstm_sequence_forward(seq, tf.zeros([3, 8]), state, state, [], chains=2)
   with pytest.raises(tf.errors.InvalidArgumentError, match='chains must divide the batch'):
-    ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), state, state, chains=3)
+    ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), state, state, [], chains=3)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'h0 has shape \[4,2\]'):
-    ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), tf.zeros([4, 2]), state, chains=2)
+    ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), tf.zeros([4, 2]), state, [], chains=2)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'd_out has shape \[4,3\]'):
     ops.charlstm_sequence_backward(seq, tf.zeros([4, 5, 3]), state, state, state, state,
                                    tf.zeros([3, 12]), chains=1)
+
+
+def test_the_sequence_op_writes_the_weight_gradients_left_operand():
+  """left = [h_{t-1}, tail_t] per row: h0 at t = 0, then the op's own hs, bit for bit."""
+  ops = cell_kernels.load()
+  rng = np.random.default_rng(3)
+  b, t, h, e = 6, 5, 40, 7
+  as_bits = lambda x: tf.bitcast(x, tf.uint16 if x.dtype == tf.bfloat16 else tf.uint32).numpy()
+  for dtype in cell_kernels.sequence_dtypes():
+    xz = tf.constant(rng.normal(size=(b, t, 4 * h)), tf.float32)
+    w = tf.cast(rng.normal(size=(h, 4 * h)) / np.sqrt(h), dtype)
+    h0, c0 = tf.cast(rng.normal(size=(b, h)), dtype), tf.constant(rng.normal(size=(b, h)), tf.float32)
+    tail = tf.cast(rng.normal(size=(b, t, e)), dtype)
+    hs, _, _, (left,) = ops.charlstm_sequence_forward(xz, w, h0, c0, [tail], chains=2)
+    want = tf.concat([tf.concat([h0[:, None], hs[:, :-1]], 1), tail], -1)
+    assert left.dtype == dtype and left.shape == (b, t, h + e)
+    np.testing.assert_array_equal(as_bits(left), as_bits(want))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r'tail has shape \[6,2,7\]'):
+      ops.charlstm_sequence_forward(xz, w, h0, c0, [tail[:, :2]], chains=2)
 
 
 @pytest.mark.parametrize('dtype,per_step,h,b', [(tf.float32, False, 72, 8),
