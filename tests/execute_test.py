@@ -96,7 +96,7 @@ def test_submit_runs_what_the_dry_run_prints_and_the_staged_wheel_trains(gcs, tm
   assert installed == wanted  # every module, config, bundled corpus and C++ op; nothing else
   assert {'pipeline/kernels/cell.cc', 'pipeline/kernels/sequence.cc',
           'pipeline/kernels/packets.h', 'pipeline/kernels/panels.h',
-          'pipeline/kernels/amx.h'} <= installed
+          'pipeline/kernels/amx.h', 'pipeline/kernels/tiles.h'} <= installed
   # The TensorFlow and other dependencies come from the dev venv (no network here), added
   # after the fresh site-packages and without its .pth files, so its editable charlstm stays out.
   (site / 'deps.pth').write_text(sysconfig.get_path('purelib') + '\n')

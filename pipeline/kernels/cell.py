@@ -46,7 +46,8 @@ from pipeline import errors
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(_HERE, name) for name in ('cell.cc', 'sequence.cc')]
-HEADERS = [os.path.join(_HERE, name) for name in ('packets.h', 'panels.h', 'amx.h')]
+HEADERS = [os.path.join(_HERE, name)
+           for name in ('packets.h', 'panels.h', 'amx.h', 'tiles.h')]
 KINDS = config.CELL_KERNELS
 _COMPILE_TIMEOUT_S = 600
 # Tried in order: Eigen's AVX512-FP16 packet code fails to compile with GCC 12
