@@ -298,7 +298,7 @@ def _per_step(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chains, ker
           [t_len - 1, tf.split(dh_last, k), tf.split(dc_last, k), c_last,
            [tf.TensorArray(md, size=t_len) for _ in range(k)]])
       dh0, dc0 = tf.concat(dh0, 0), tf.concat(dc0, 0)
-      # The weight gradients: one matmul each over each chain's T * B/k rows.
+      # The weight gradients: one matmul per chain over its T * B/k rows.
       dz_rows = [tf.reshape(a.stack(), [-1, 4 * hid]) for a in dzs]
       lefts = [_left(tf.reshape(tf.concat([h[None], hs[:-1]], 0), [-1, hid]), x)
                for h, hs, x in zip(tf.split(h0_m, k), h_stacks, x_rows)]
