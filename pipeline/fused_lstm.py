@@ -338,9 +338,8 @@ def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chain
     xz = tf.reshape(_project([x_rows], w_x_m, tf.cast(b, f32), input_grad)[0],
                     [batch, t_len, 4 * hid])
     h0_m, c_init = tf.cast(h0, md), tf.cast(c0, f32)
-    # tail: the op writes the weight gradients' left operand [h_{t-1}, x_t, 1].
-    tail = tf.concat([x, tf.ones([batch, t_len, 1], md)], -1)
-    hs, cs, zs, (left,) = ops.charlstm_sequence_forward(xz, w_h_m, h0_m, c_init, [tail],
+    # Given x, the op also writes the weight gradients' left operand [h_{t-1}, x_t, 1].
+    hs, cs, zs, (left,) = ops.charlstm_sequence_forward(xz, w_h_m, h0_m, c_init, [x],
                                                         chains=chains)
     # h_T in float32 (hs holds it rounded to bfloat16 there).
     h_t = hs[:, -1] if md == f32 else tf.sigmoid(zs[:, -1, 3 * hid:]) * tf.tanh(cs[:, -1])

@@ -252,7 +252,7 @@ def test_the_kernels_check_their_shapes():
 
 
 def test_the_sequence_op_writes_the_weight_gradients_left_operand():
-  """left = [h_{t-1}, tail_t] per row: h0 at t = 0, then the op's own hs, bit for bit."""
+  """left = [h_{t-1}, x_t, 1] per row: h0 at t = 0, then the op's own hs, bit for bit."""
   ops = cell_kernels.load()
   rng = np.random.default_rng(3)
   b, t, h, e = 6, 5, 40, 7
@@ -263,11 +263,13 @@ def test_the_sequence_op_writes_the_weight_gradients_left_operand():
     h0, c0 = tf.cast(rng.normal(size=(b, h)), dtype), tf.constant(rng.normal(size=(b, h)), tf.float32)
     tail = tf.cast(rng.normal(size=(b, t, e)), dtype)
     hs, _, _, (left,) = ops.charlstm_sequence_forward(xz, w, h0, c0, [tail], chains=2)
-    want = tf.concat([tf.concat([h0[:, None], hs[:, :-1]], 1), tail], -1)
-    assert left.dtype == dtype and left.shape == (b, t, h + e)
+    want = tf.concat([h0[:, None], hs[:, :-1]], 1), tail, tf.ones([b, t, 1], dtype)
+    want = tf.concat(want, -1)
+    assert left.dtype == dtype and left.shape == (b, t, h + e + 1)
     np.testing.assert_array_equal(as_bits(left), as_bits(want))
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r'tail has shape \[6,2,7\]'):
-      ops.charlstm_sequence_forward(xz, w, h0, c0, [tail[:, :2]], chains=2)
+    for bad in (tail[:, :2], tail[0]):  # another T; rank 2
+      with pytest.raises(tf.errors.InvalidArgumentError, match=r'tail has shape \[.*must be'):
+        ops.charlstm_sequence_forward(xz, w, h0, c0, [bad], chains=2)
 
 
 @pytest.mark.parametrize('dtype,per_step,h,b', [(tf.float32, False, 72, 8),

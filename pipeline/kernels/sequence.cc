@@ -132,10 +132,10 @@ class SequenceForward : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("chains", &chains_));
   }
 
-  // (xz (B, T, 4H), W_h (H, 4H), h0, c0 (B, H), [tail (B, T, E)])
-  //   -> (hs, cs (B, T, H), zs (B, T, 4H), [left (B, T, H + E)]).
-  // left, if a tail is given, is [h_{t-1}, tail_t] per row: the left operand
-  // of the weight gradients' matmul ([h, x, 1]^T dz, pipeline.fused_lstm).
+  // (xz (B, T, 4H), W_h (H, 4H), h0, c0 (B, H), [x (B, T, D)])
+  //   -> (hs, cs (B, T, H), zs (B, T, 4H), [left (B, T, H + D + 1)]).
+  // left, if x is given, is [h_{t-1}, x_t, 1] per row: the left operand of
+  // the weight gradients' matmul ([h, x, 1]^T dz, pipeline.fused_lstm).
   // Written here from the carried h, it replaced a slice and two concats over
   // (B, T, H) that cost about 6 ms of a train step at H=512.
   void Compute(OpKernelContext* ctx) override {
@@ -151,16 +151,18 @@ class SequenceForward : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->output_list("left", &lefts));
     OP_REQUIRES(ctx, tails.size() <= 1,
                 absl::InvalidArgumentError("charlstm sequence: at most one tail"));
-    const int64_t e = tails.size() ? tails[0].dim_size(2) : 0;
+    int64_t e = 0;  // x's width D
     const M* tail = nullptr;
     M* left = nullptr;
     if (tails.size()) {
       OP_REQUIRES(ctx, tails[0].dims() == 3 && tails[0].dim_size(0) == batch &&
                            tails[0].dim_size(1) == t_len,
                   absl::InvalidArgumentError(absl::StrCat(
-                      "charlstm sequence: tail has shape ", tails[0].shape().DebugString())));
+                      "charlstm sequence: tail has shape ", tails[0].shape().DebugString(),
+                      "; it must be (B, T, D) with xz's B and T")));
+      e = tails[0].dim_size(2);
       Tensor* out;
-      OP_REQUIRES_OK(ctx, lefts.allocate(0, TensorShape({batch, t_len, h + e}), &out));
+      OP_REQUIRES_OK(ctx, lefts.allocate(0, TensorShape({batch, t_len, h + e + 1}), &out));
       tail = tails[0].flat<M>().data();
       left = out->flat<M>().data();
     }
@@ -210,9 +212,10 @@ class SequenceForward : public OpKernel {
                                stage + first * stride, stride};
         Stage(true, s.xz, s.z, t_len, s.stage, stride, rows, h);
         for (int64_t r = 0; left && r < rows; ++r) {
-          M* row = left + (now + r * t_len) * (h + e);
+          M* row = left + (now + r * t_len) * (h + e + 1);
           std::copy_n(s.h_prev + r * carry, h, row);
           std::copy_n(tail + (now + r * t_len) * e, e, row + h);
+          row[h + e] = M(1.0f);  // d_b's column
         }
         for (int64_t p = 0; p < n_panels; ++p) {
           if (amx) {  // the products on tiles, then the tiles' gate math alone (k in [H, H))
@@ -385,11 +388,12 @@ REGISTER_OP("CharlstmSequenceForward")
       ctx->set_output(0, state);
       ctx->set_output(1, state);
       ctx->set_output(2, xz);
-      for (int i = 4; i < ctx->num_inputs(); ++i) {  // the tail, if any, and its left
+      for (int i = 4; i < ctx->num_inputs(); ++i) {  // x, if given, and its left
         ShapeHandle tail;
         DimensionHandle width;
         TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(i), 3, &tail));
         TF_RETURN_IF_ERROR(ctx->Add(ctx->Dim(w_h, 0), ctx->Dim(tail, 2), &width));
+        TF_RETURN_IF_ERROR(ctx->Add(width, 1, &width));
         ctx->set_output(3 + i - 4,
                         ctx->MakeShape({ctx->Dim(xz, 0), ctx->Dim(xz, 1), width}));
       }
