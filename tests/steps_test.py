@@ -42,6 +42,31 @@ def test_no_weight_decay_is_plain_adam():
     np.testing.assert_array_equal(after[p], w)
 
 
+@pytest.mark.parametrize('weight_decay', [0.0, 0.1])
+def test_the_fused_adam_update_follows_keras_adam(weight_decay):
+  """ResourceApplyAdam (make_optimizer) against Keras's own Adam/AdamW, 20 scheduled steps."""
+  config = config_lib.override(config_lib.base_config(), **{
+      'train.weight_decay': weight_decay, 'train.warmup_steps': 5, 'train.num_steps': 20,
+      'train.learning_rate': 0.01, 'train.lr_schedule': 'cosine'})
+  ours, schedule = steps_lib.make_optimizer(config.train)
+  keras = tf.keras.optimizers.AdamW if weight_decay else tf.keras.optimizers.Adam
+  theirs = keras(learning_rate=schedule, **({'weight_decay': weight_decay} if weight_decay else {}))
+  rng = np.random.default_rng(0)
+  start = rng.normal(size=(30, 7)).astype(np.float32)
+  mine, reference = tf.Variable(start, name='kernel'), tf.Variable(start, name='kernel')
+  ours.build([mine])
+  theirs.build([reference])
+  steps = [tf.function(lambda g, o=o, v=v: o.apply_gradients([(g, v)]))
+           for o, v in ((ours, mine), (theirs, reference))]
+  for _ in range(20):
+    grad = tf.constant(rng.normal(size=start.shape).astype(np.float32))
+    for step in steps:
+      step(grad)
+  moved = np.abs(reference.numpy() - start).max()
+  assert moved > 0.05  # the comparison below is not of two unmoved copies
+  np.testing.assert_allclose(mine.numpy(), reference.numpy(), rtol=0, atol=1e-5)
+
+
 def test_unset_jit_compile_means_xla_exactly_where_tensorflow_runs_without_onednn():
   one = tf.distribute.get_strategy()
   for env in ('0', '1'):  # TF_ENABLE_ONEDNN_OPTS forces TensorFlow's choice either way
