@@ -213,6 +213,17 @@ def test_the_whole_sequence_op_matches_the_per_step_loop(input_grad):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize('input_grad', [False, True])
+def test_a_w_h_over_a_mib_alternates_its_panel_order_and_still_matches_the_loop(input_grad):
+  # H=264: 4H^2 float32 is 1.1 MB, over kernels/tiles.h's kAlternateBytes, so
+  # odd steps run their panels in descending order; 264 leaves a partial
+  # packet forward and a partial panel backward; T=5 ends on an even step.
+  kw = dict(h=264, b=8, t=5)
+  cc, xla = _sequence_outputs('cc', input_grad, **kw), _sequence_outputs('xla', input_grad, **kw)
+  for got, want in zip(cc, xla):
+    np.testing.assert_allclose(got, want, rtol=5e-5, atol=5e-5)
+
+
 @pytest.mark.skipif(not _BF16_KERNELS, reason='no vdpbf16ps build on this CPU')
 @pytest.mark.parametrize('input_grad', [False, True])
 @pytest.mark.parametrize('h,b', [(72, 16), (128, 32)])  # 8 rows a chain; 16 and whole panels (AMX)

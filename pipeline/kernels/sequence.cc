@@ -195,6 +195,7 @@ class SequenceForward : public OpKernel {
     float* zs_p = zs->flat<float>().data();
     const int64_t rows = batch / chains_;
     const bool amx = UseAmx<M>(rows, h);
+    const bool alternate = Alternate<M>(h);
     ForChains(ctx, chains_, [&](int64_t j) {
       const int64_t first = j * rows;
       const AmxScope tiles(amx);
@@ -209,7 +210,7 @@ class SequenceForward : public OpKernel {
                                h_carry + in + first * carry, c_carry + in + first * carry,
                                zs_p + now * 4 * h, cs_p + now * h, hs_p + now * h,
                                h_carry + out + first * carry, c_carry + out + first * carry,
-                               stage + first * stride, stride};
+                               stage + first * stride, stride, alternate && (t & 1)};
         Stage(true, s.xz, s.z, t_len, s.stage, stride, rows, h);
         for (int64_t r = 0; left && r < rows; ++r) {
           M* row = left + (now + r * t_len) * (h + e + 1);
@@ -217,7 +218,8 @@ class SequenceForward : public OpKernel {
           std::copy_n(tail + (now + r * t_len) * e, e, row + h);
           row[h + e] = M(1.0f);  // d_b's column
         }
-        for (int64_t p = 0; p < n_panels; ++p) {
+        for (int64_t i = 0; i < n_panels; ++i) {
+          const int64_t p = s.reverse ? n_panels - 1 - i : i;
           if (amx) {  // the products on tiles, then the tiles' gate math alone (k in [H, H))
             for (int64_t r0 = 0; r0 < rows; r0 += 16) {
               AmxRows(s.h_prev + r0 * carry, carry, packed + p * h * kPanel, h,
@@ -291,6 +293,7 @@ class SequenceBackward : public OpKernel {
     float* dc0_p = dc0->flat<float>().data();
     const int64_t rows = batch / chains_;
     const bool amx = UseAmx<M>(rows, h);
+    const bool alternate = Alternate<M>(h);
     ForChains(ctx, chains_, [&](int64_t j) {
       const int64_t first = j * rows;
       const AmxScope tiles(amx);
@@ -303,8 +306,9 @@ class SequenceBackward : public OpKernel {
                                 d_out + now * h,
                                 t + 1 < t_len ? dz_c + in + first * dz_carry : nullptr,
                                 dh_last + first * h, dc + first * carry, dzs_p + now * 4 * h,
-                                dz_c + out + first * dz_carry};
-        for (int64_t p = 0; p < n_panels; ++p) {
+                                dz_c + out + first * dz_carry, alternate && (t & 1)};
+        for (int64_t i = 0; i < n_panels; ++i) {
+          const int64_t p = s.reverse ? n_panels - 1 - i : i;
           if (amx && s.dz_next) {  // dh = d_out + dz_{t+1} W_h^T on tiles, then the gate math
             float* sums = partial + first * carry;
             for (int64_t r = 0; r < rows; ++r) {
