@@ -259,7 +259,57 @@ def test_the_kernels_check_their_shapes():
     ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), tf.zeros([4, 2]), state, [], chains=2)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'd_out has shape \[4,3\]'):
     ops.charlstm_sequence_backward(seq, tf.zeros([4, 5, 3]), state, state, state, state,
-                                   tf.zeros([3, 12]), chains=1)
+                                   tf.zeros([3, 12]), [], chains=1)
+  back = lambda ids, vocab: ops.charlstm_sequence_backward(
+      seq, tf.zeros([4, 5, 3]), tf.zeros([4, 5, 3]), state, state, state, tf.zeros([3, 12]),
+      [ids], vocab=vocab, chains=1)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'ids has shape \[4,4\]; it must be'):
+    back(tf.zeros([4, 4], tf.int32), 7)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'id 7 is outside the vocabulary'):
+    back(tf.fill([4, 5], 7), 7)
+
+
+@pytest.mark.parametrize('chains', [1, 2])
+def test_the_backward_sums_the_first_layers_input_gradient_by_id(chains):
+  """d_w_x = one_hot(ids)^T dz, from the op's own dz: what the matmul over x gave."""
+  ops = cell_kernels.load()
+  rng = np.random.default_rng(4)
+  b, t, h, v = 6, 5, 40, 9
+  for dtype in cell_kernels.sequence_dtypes():
+    arrays = [rng.normal(size=s) for s in [(b, t, 4 * h), (b, t, h), (b, t, h)] + [(b, h)] * 3]
+    zs, cs, d_out, c0, dh, dc = (tf.constant(a, tf.float32) for a in arrays)
+    w = tf.cast(rng.normal(size=(h, 4 * h)) / np.sqrt(h), dtype)
+    ids = tf.constant(rng.integers(v, size=(b, t)), tf.int32)
+    dzs, _, _, (d_w_x,) = ops.charlstm_sequence_backward(zs, cs, d_out, c0, dh, dc, w, [ids],
+                                                         vocab=v, chains=chains)
+    want = tf.matmul(tf.one_hot(tf.reshape(ids, [-1]), v),
+                     tf.reshape(tf.cast(dzs, tf.float32), [-1, 4 * h]), transpose_a=True)
+    # bfloat16's dz is rounded on its way out; the sums take it before that.
+    tol = 1e-5 if dtype == tf.float32 else 2e-2
+    np.testing.assert_allclose(d_w_x, want, rtol=tol, atol=tol * np.max(np.abs(want)))
+    assert d_w_x.shape == (v, 4 * h)
+    # and without ids, no such output
+    assert len(ops.charlstm_sequence_backward(zs, cs, d_out, c0, dh, dc, w, [], chains=chains)[3]) == 0
+
+
+def test_a_first_layer_input_that_is_not_one_hot_takes_the_matmul_for_its_gradient():
+  # The op sums d_w_x by argmax id; a soft input must not: both paths agree with XLA's loop.
+  rng = np.random.default_rng(5)
+  b, t, h, v = 8, 4, 24, 7
+  x = tf.nn.softmax(tf.constant(rng.normal(size=(b, t, v)), tf.float32))
+  w_x, w_h = (tf.constant(rng.normal(size=(d, 4 * h)) * 0.3, tf.float32) for d in (v, h))
+  bias = tf.zeros([4 * h])
+  h0 = c0 = tf.zeros([b, h])
+  grads = {}
+  for kernels in ('cc', 'xla'):
+    with tf.GradientTape() as tape:
+      tape.watch([w_x, w_h])
+      out, _, _ = fused_lstm.lstm_sequence(x, h0, c0, w_x, w_h, bias, input_grad=False,
+                                           chains=2, kernels=kernels)
+      loss = tf.reduce_sum(out * out)
+    grads[kernels] = tape.gradient(loss, [w_x, w_h])
+  for got, want in zip(grads['cc'], grads['xla']):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_the_sequence_op_writes_the_weight_gradients_left_operand():

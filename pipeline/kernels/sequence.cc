@@ -249,10 +249,15 @@ class SequenceBackward : public OpKernel {
  public:
   explicit SequenceBackward(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("chains", &chains_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("vocab", &vocab_));
   }
 
-  // (zs (B, T, 4H), cs, d_out (B, T, H), c0, dh_last, dc_last (B, H), W_h)
-  //   -> (dzs (B, T, 4H), dh0, dc0 (B, H)).
+  // (zs (B, T, 4H), cs, d_out (B, T, H), c0, dh_last, dc_last (B, H), W_h, [ids (B, T)])
+  //   -> (dzs (B, T, 4H), dh0, dc0 (B, H), [d_w_x (vocab, 4H)]).
+  // ids, if given, are the first layer's one-hot inputs as indices, and
+  // d_w_x = one_hot(ids)^T dz, summed here as each dz leaves the gate math:
+  // the weight-gradient matmul then runs on [h_{t-1}, 1] alone, V columns
+  // narrower (pipeline.fused_lstm).
   void Compute(OpKernelContext* ctx) override {
     const Tensor& zs = ctx->input(0);
     const Tensor& w_h = ctx->input(6);
@@ -261,6 +266,34 @@ class SequenceBackward : public OpKernel {
     const char* names[] = {"", "cs", "d_out", "c0", "dh_last", "dc_last"};
     for (int i = 1; i < 6; ++i) {
       OP_REQUIRES_OK(ctx, CheckState(ctx->input(i), i < 3 ? t_len : 0, batch, h, names[i]));
+    }
+    tensorflow::OpInputList id_list;
+    OP_REQUIRES_OK(ctx, ctx->input_list("ids", &id_list));
+    tensorflow::OpOutputList d_w_xs;
+    OP_REQUIRES_OK(ctx, ctx->output_list("d_w_x", &d_w_xs));
+    OP_REQUIRES(ctx, id_list.size() <= 1,
+                absl::InvalidArgumentError("charlstm sequence: at most one ids input"));
+    const int32_t* ids = nullptr;
+    float* d_w_x = nullptr;
+    Tensor per_chain;  // each chain's own d_w_x sums, added in chain order at the end
+    if (id_list.size()) {
+      OP_REQUIRES(ctx, id_list[0].shape() == TensorShape({batch, t_len}),
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "charlstm sequence: ids has shape ", id_list[0].shape().DebugString(),
+                      "; it must be (B, T) with zs's B and T")));
+      ids = id_list[0].flat<int32_t>().data();
+      for (int64_t i = 0; i < batch * t_len; ++i) {
+        OP_REQUIRES(ctx, ids[i] >= 0 && ids[i] < vocab_,
+                    absl::InvalidArgumentError(absl::StrCat(
+                        "charlstm sequence: id ", ids[i], " is outside the vocabulary [0, ",
+                        vocab_, ")")));
+      }
+      Tensor* out;
+      OP_REQUIRES_OK(ctx, d_w_xs.allocate(0, TensorShape({vocab_, 4 * h}), &out));
+      d_w_x = out->flat<float>().data();
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                             TensorShape({chains_, vocab_, 4 * h}), &per_chain));
+      std::fill_n(per_chain.flat<float>().data(), chains_ * vocab_ * 4 * h, 0.0f);
     }
     Tensor *dzs, *dh0, *dc0, panels, sums;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, zs.shape(), &dzs));
@@ -306,7 +339,10 @@ class SequenceBackward : public OpKernel {
                                 d_out + now * h,
                                 t + 1 < t_len ? dz_c + in + first * dz_carry : nullptr,
                                 dh_last + first * h, dc + first * carry, dzs_p + now * 4 * h,
-                                dz_c + out + first * dz_carry, alternate && (t & 1)};
+                                dz_c + out + first * dz_carry, alternate && (t & 1),
+                                ids ? ids + now : nullptr,
+                                ids ? per_chain.flat<float>().data() + j * vocab_ * 4 * h
+                                    : nullptr};
         for (int64_t i = 0; i < n_panels; ++i) {
           const int64_t p = s.reverse ? n_panels - 1 - i : i;
           if (amx && s.dz_next) {  // dh = d_out + dz_{t+1} W_h^T on tiles, then the gate math
@@ -338,10 +374,18 @@ class SequenceBackward : public OpKernel {
       for (int64_t r = first; r < first + rows; ++r) std::copy_n(dc + r * carry, h, dc0_p + r * h);
       StreamFence();  // dz's streamed stores, before another thread reads them
     });
+    if (d_w_x) {
+      const float* sums = per_chain.flat<float>().data();
+      std::copy_n(sums, vocab_ * 4 * h, d_w_x);
+      for (int64_t j = 1; j < chains_; ++j) {
+        const float* chain = sums + j * vocab_ * 4 * h;
+        for (int64_t i = 0; i < vocab_ * 4 * h; ++i) d_w_x[i] += chain[i];
+      }
+    }
   }
 
  private:
-  int64_t chains_;
+  int64_t chains_, vocab_;
 };
 
 // Whether this build multiplies bfloat16 with vdpbf16ps (the bfloat16
@@ -412,10 +456,14 @@ REGISTER_OP("CharlstmSequenceBackward")
     .Input("dh_last: float")
     .Input("dc_last: float")
     .Input("w_h: T")
+    .Input("ids: N * int32")
     .Output("dzs: T")
     .Output("dh0: float")
     .Output("dc0: float")
+    .Output("d_w_x: N * float")
     .Attr("T: {float, bfloat16} = DT_FLOAT")
+    .Attr("N: int >= 0 = 0")
+    .Attr("vocab: int >= 0 = 0")
     .Attr("chains: int >= 1")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* ctx) {
       using tensorflow::shape_inference::ShapeHandle;
@@ -426,6 +474,11 @@ REGISTER_OP("CharlstmSequenceBackward")
       ShapeHandle state = ctx->Matrix(ctx->Dim(zs, 0), ctx->Dim(w_h, 0));
       ctx->set_output(1, state);
       ctx->set_output(2, state);
+      int64_t vocab;
+      TF_RETURN_IF_ERROR(ctx->GetAttr("vocab", &vocab));
+      for (int i = 3; i < ctx->num_outputs(); ++i) {  // d_w_x, if ids are given
+        ctx->set_output(i, ctx->Matrix(vocab, ctx->Dim(zs, 2)));
+      }
       return absl::OkStatus();
     });
 

@@ -156,6 +156,8 @@ struct BackwardStep {  // seq, prev as in ForwardStep; dh_last is a (B, H) state
   M* dz;                // (R, 4H) out
   M* dz_out;            // (R, dz_carry) out: dz again, for the next step
   bool reverse;         // this step's panels in descending order, see Alternate
+  const int32_t* ids;   // (R) at stride seq: the rows' one-hot inputs, or null
+  float* d_w_x;         // (V, 4H): with ids, the chain's sums of dz by input id
 };
 
 // Stores a float32 output that is not read again soon with StoreStream.
@@ -242,6 +244,12 @@ void BackwardTile(const BackwardStep<M>& s, const M* panels, int64_t h, int64_t 
       for (int q = 0; q < 4; ++q) {
         StoreOutput(dz_g[q], dz + q * h + j, n);
         Store(dz_g[q], dz_out + q * h + j, n);
+      }
+      if (s.ids) {  // d_w_x's row for this input: one-hot x_t^T dz_t, in float32
+        float* sum = s.d_w_x + s.ids[row * s.seq] * 4 * h;
+        for (int q = 0; q < 4; ++q) {
+          Store(Add(Load(sum + q * h + j, n), dz_g[q]), sum + q * h + j, n);
+        }
       }
       Store(Mul(dc, f), s.dc + state, n);
     }
