@@ -138,20 +138,20 @@ def chains_for(batch, chains=0):
   return chains if batch % chains == 0 else 1
 
 
-def _project(x_rows, w_x, b, input_grad, known_ids=None):
+def _project(x_rows, w_x, b, input_grad):
   """Each block of rows times W_x, plus b, in float32: (rows, 4H) per block.
 
   For the first layer (input_grad=False) one-hot rows (the data) project by
   a gather of (W_x + b)'s rows: the same values as the matmul (one 1 and
   zeros), and at H=512 the K=V matmul took ~10 ms per chain per step, the
   gather a pass over its output. Inputs that are not exactly one-hot take
-  the matmul. known_ids: `one_hot_ids(x_rows)` when the caller has it.
+  the matmul. (The C++ recurrence, _whole_sequence, reads the table itself.)
   """
   def matmul(rows):
     return tf.cast(tf.matmul(tf.cast(rows, w_x.dtype), w_x), tf.float32) + b
   if input_grad:
     return [matmul(r) for r in x_rows]
-  ids, one_hot = known_ids or one_hot_ids(x_rows)
+  ids, one_hot = one_hot_ids(x_rows)
   table = w_x + b
   return [tf.cond(one_hot, lambda i=i: tf.gather(table, i), lambda r=r: matmul(r))
           for r, i in zip(x_rows, ids)]
@@ -341,23 +341,39 @@ def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chain
     batch, t_len = tf.shape(x)[0], tf.shape(x)[1]
     w_x_m, w_h_m = tf.cast(w_x, md if input_grad else f32), tf.cast(w_h, md)
     x_rows = tf.reshape(x, [-1, d])
-    known = None if input_grad else one_hot_ids([x_rows])
-    xz = tf.reshape(_project([x_rows], w_x_m, tf.cast(b, f32), input_grad, known)[0],
-                    [batch, t_len, 4 * hid])
     h0_m, c_init = tf.cast(h0, md), tf.cast(c0, f32)
-    # Given x, the op also writes the weight gradients' left operand [h_{t-1}, x_t, 1].
-    # The first layer passes x with no columns ([h_{t-1}, 1]): its backward
-    # sums d_w_x by input id as the dz leave the gate math, and the matmul
-    # over all B T rows narrows by V columns (H=512: 46.0 -> 40.2 ms alone).
-    hs, cs, zs, (left,) = ops.charlstm_sequence_forward(
-        xz, w_h_m, h0_m, c_init, [x if input_grad else x[:, :, :0]], chains=chains)
+
+    def forward(xz, ids=()):
+      # Given x, the op also writes the weight gradients' left operand
+      # [h_{t-1}, x_t, 1]. The first layer passes x with no columns
+      # ([h_{t-1}, 1]): its backward sums d_w_x by input id as the dz leave
+      # the gate math, and the matmul over all B T rows narrows by V columns
+      # (H=512: 46.0 -> 40.2 ms alone).
+      hs, cs, zs, (left,) = ops.charlstm_sequence_forward(
+          xz, w_h_m, h0_m, c_init, [x if input_grad else x[:, :, :0]], list(ids),
+          chains=chains)
+      return hs, cs, zs, left
+
+    def projected():
+      return forward(tf.reshape(_project([x_rows], w_x_m, tf.cast(b, f32), True)[0],
+                                [batch, t_len, 4 * hid]))
+    known = None
+    if input_grad:
+      hs, cs, zs, left = projected()
+    else:
+      # One-hot rows: the op reads row ids[b, t] of W_x + b itself (_project's
+      # gather, without writing it out); other inputs take the matmul.
+      known = one_hot_ids([x_rows])
+      ids_bt = tf.reshape(known[0][0], [batch, t_len])
+      hs, cs, zs, left = tf.cond(known[1], lambda: forward(w_x_m + tf.cast(b, f32), [ids_bt]),
+                                 projected)
     # h_T in float32 (hs holds it rounded to bfloat16 there).
     h_t = hs[:, -1] if md == f32 else tf.sigmoid(zs[:, -1, 3 * hid:]) * tf.tanh(cs[:, -1])
 
     def grad(d_outputs, d_h_t, d_c_t):
       dh_last = tf.zeros_like(c_init) if d_h_t is None else tf.cast(d_h_t, f32)
       dc_last = tf.zeros_like(c_init) if d_c_t is None else tf.cast(d_c_t, f32)
-      ids = [] if input_grad else [tf.reshape(known[0][0], [batch, t_len])]
+      ids = [] if input_grad else [ids_bt]
       dzs, dh0, dc0, d_w_x_by_id = ops.charlstm_sequence_backward(
           zs, cs, tf.cast(d_outputs, f32), c_init, dh_last, dc_last, w_h_m, ids,
           vocab=0 if input_grad else d, chains=chains)

@@ -174,15 +174,15 @@ def test_the_bfloat16_sequence_op_is_registered_only_with_vdpbf16ps():
   assert native == ('avx512_bf16' in flags)  # built with -march=native
   w, state = tf.zeros([4, 16], tf.bfloat16), tf.zeros([2, 4], tf.bfloat16)
   if native:
-    hs = ops.charlstm_sequence_forward(tf.zeros([2, 3, 16]), w, state, tf.zeros([2, 4]), [],
+    hs = ops.charlstm_sequence_forward(tf.zeros([2, 3, 16]), w, state, tf.zeros([2, 4]), [], [],
                                        chains=1)[0]
     assert hs.dtype == tf.bfloat16
     with pytest.raises(tf.errors.InvalidArgumentError, match='bfloat16 needs an even H'):
       ops.charlstm_sequence_forward(tf.zeros([2, 3, 12]), tf.zeros([3, 12], tf.bfloat16),
-                                    tf.zeros([2, 3], tf.bfloat16), tf.zeros([2, 3]), [], chains=1)
+                                    tf.zeros([2, 3], tf.bfloat16), tf.zeros([2, 3]), [], [], chains=1)
   else:
     with pytest.raises(tf.errors.NotFoundError):
-      ops.charlstm_sequence_forward(tf.zeros([2, 3, 16]), w, state, tf.zeros([2, 4]), [], chains=1)
+      ops.charlstm_sequence_forward(tf.zeros([2, 3, 16]), w, state, tf.zeros([2, 4]), [], [], chains=1)
 
 
 def _sequence_outputs(kernels, input_grad, h=72, b=16, t=9, v=11, chains=2, dtype=tf.float32):
@@ -252,11 +252,17 @@ def test_the_kernels_check_their_shapes():
                                tf.zeros([2, 3]))
   state, seq = tf.zeros([4, 3]), tf.zeros([4, 5, 12])  # B=4, T=5, H=3
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'W_h \(H, 4H\).*do not match'):
-    ops.charlstm_sequence_forward(seq, tf.zeros([3, 8]), state, state, [], chains=2)
+    ops.charlstm_sequence_forward(seq, tf.zeros([3, 8]), state, state, [], [], chains=2)
   with pytest.raises(tf.errors.InvalidArgumentError, match='chains must divide the batch'):
-    ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), state, state, [], chains=3)
+    ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), state, state, [], [], chains=3)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'h0 has shape \[4,2\]'):
-    ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), tf.zeros([4, 2]), state, [], chains=2)
+    ops.charlstm_sequence_forward(seq, tf.zeros([3, 12]), tf.zeros([4, 2]), state, [], [], chains=2)
+  fwd = lambda table, ids: ops.charlstm_sequence_forward(table, tf.zeros([3, 12]), state, state,
+                                                        [], [ids], chains=2)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'xz must be a \(V, 4H\) table'):
+    fwd(tf.zeros([7, 8]), tf.zeros([4, 5], tf.int32))
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"id 7 is outside the table's"):
+    fwd(tf.zeros([7, 12]), tf.fill([4, 5], 7))
   with pytest.raises(tf.errors.InvalidArgumentError, match=r'd_out has shape \[4,3\]'):
     ops.charlstm_sequence_backward(seq, tf.zeros([4, 5, 3]), state, state, state, state,
                                    tf.zeros([3, 12]), [], chains=1)
@@ -292,6 +298,24 @@ def test_the_backward_sums_the_first_layers_input_gradient_by_id(chains):
     assert len(ops.charlstm_sequence_backward(zs, cs, d_out, c0, dh, dc, w, [], chains=chains)[3]) == 0
 
 
+def test_the_forward_reads_the_first_layers_projection_from_the_table_by_id():
+  """With ids, xz row (b, t) is table[ids[b, t]]: the same bits as the gathered xz."""
+  ops = cell_kernels.load()
+  rng = np.random.default_rng(6)
+  b, t, h, v = 6, 5, 40, 9
+  as_bits = lambda x: tf.bitcast(x, tf.uint16 if x.dtype == tf.bfloat16 else tf.uint32).numpy()
+  for dtype in cell_kernels.sequence_dtypes():
+    table = tf.constant(rng.normal(size=(v, 4 * h)), tf.float32)
+    ids = tf.constant(rng.integers(v, size=(b, t)), tf.int32)
+    w = tf.cast(rng.normal(size=(h, 4 * h)) / np.sqrt(h), dtype)
+    h0, c0 = tf.cast(rng.normal(size=(b, h)), dtype), tf.constant(rng.normal(size=(b, h)), tf.float32)
+    by_id = ops.charlstm_sequence_forward(table, w, h0, c0, [], [ids], chains=2)
+    gathered = ops.charlstm_sequence_forward(tf.gather(table, ids), w, h0, c0, [], [], chains=2)
+    assert by_id[2].shape == (b, t, 4 * h)
+    for got, want in zip(by_id[:3], gathered[:3]):
+      np.testing.assert_array_equal(as_bits(got), as_bits(want))
+
+
 def test_a_first_layer_input_that_is_not_one_hot_takes_the_matmul_for_its_gradient():
   # The op sums d_w_x by argmax id; a soft input must not: both paths agree with XLA's loop.
   rng = np.random.default_rng(5)
@@ -323,14 +347,14 @@ def test_the_sequence_op_writes_the_weight_gradients_left_operand():
     w = tf.cast(rng.normal(size=(h, 4 * h)) / np.sqrt(h), dtype)
     h0, c0 = tf.cast(rng.normal(size=(b, h)), dtype), tf.constant(rng.normal(size=(b, h)), tf.float32)
     tail = tf.cast(rng.normal(size=(b, t, e)), dtype)
-    hs, _, _, (left,) = ops.charlstm_sequence_forward(xz, w, h0, c0, [tail], chains=2)
+    hs, _, _, (left,) = ops.charlstm_sequence_forward(xz, w, h0, c0, [tail], [], chains=2)
     want = tf.concat([h0[:, None], hs[:, :-1]], 1), tail, tf.ones([b, t, 1], dtype)
     want = tf.concat(want, -1)
     assert left.dtype == dtype and left.shape == (b, t, h + e + 1)
     np.testing.assert_array_equal(as_bits(left), as_bits(want))
     for bad in (tail[:, :2], tail[0]):  # another T; rank 2
       with pytest.raises(tf.errors.InvalidArgumentError, match=r'tail has shape \[.*must be'):
-        ops.charlstm_sequence_forward(xz, w, h0, c0, [bad], chains=2)
+        ops.charlstm_sequence_forward(xz, w, h0, c0, [bad], [], chains=2)
 
 
 @pytest.mark.parametrize('dtype,per_step,h,b', [(tf.float32, False, 72, 8),

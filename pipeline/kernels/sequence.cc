@@ -98,11 +98,11 @@ void AmxRows(const M* a, int64_t lda, const M* panel, int64_t k_dim, float* c, i
 
 // Shapes are checked once here, not per step: a wrong one would read past a buffer.
 template <typename M>
-absl::Status CheckSequence(const Tensor& seq4, const Tensor& w_h, int64_t chains) {
+absl::Status CheckSequence(const TensorShape& seq4, const Tensor& w_h, int64_t chains) {
   if (seq4.dims() != 3 || w_h.dims() != 2 || w_h.dim_size(1) != 4 * w_h.dim_size(0) ||
       seq4.dim_size(2) != w_h.dim_size(1)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "charlstm sequence: the (B, T, 4H) input ", seq4.shape().DebugString(),
+        "charlstm sequence: the (B, T, 4H) input ", seq4.DebugString(),
         " and W_h (H, 4H) ", w_h.shape().DebugString(), " do not match"));
   }
   if (chains < 1 || seq4.dim_size(0) % chains) {
@@ -132,17 +132,47 @@ class SequenceForward : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("chains", &chains_));
   }
 
-  // (xz (B, T, 4H), W_h (H, 4H), h0, c0 (B, H), [x (B, T, D)])
+  // (xz (B, T, 4H), W_h (H, 4H), h0, c0 (B, H), [x (B, T, D)], [ids (B, T)])
   //   -> (hs, cs (B, T, H), zs (B, T, 4H), [left (B, T, H + D + 1)]).
   // left, if x is given, is [h_{t-1}, x_t, 1] per row: the left operand of
   // the weight gradients' matmul ([h, x, 1]^T dz, pipeline.fused_lstm).
   // Written here from the carried h, it replaced a slice and two concats over
   // (B, T, H) that cost about 6 ms of a train step at H=512.
+  // With ids (the first layer's one-hot inputs as indices), xz is instead a
+  // table (V, 4H), W_x + b, and row (b, t) of xz is its row ids[b, t]: read
+  // from a table that stays in cache, where a (B, T, 4H) gather was written
+  // out and read back (2.9 ms of the H=512 step, 52 MB each way).
   void Compute(OpKernelContext* ctx) override {
     const Tensor& xz = ctx->input(0);
     const Tensor& w_h = ctx->input(1);
-    OP_REQUIRES_OK(ctx, CheckSequence<M>(xz, w_h, chains_));
-    const int64_t batch = xz.dim_size(0), t_len = xz.dim_size(1), h = w_h.dim_size(0);
+    tensorflow::OpInputList id_list;
+    OP_REQUIRES_OK(ctx, ctx->input_list("ids", &id_list));
+    OP_REQUIRES(ctx, id_list.size() <= 1,
+                absl::InvalidArgumentError("charlstm sequence: at most one ids input"));
+    const int32_t* ids = nullptr;
+    if (id_list.size()) {
+      const Tensor& id = id_list[0];
+      OP_REQUIRES(ctx, id.dims() == 2 && xz.dims() == 2 && w_h.dims() == 2 &&
+                           xz.dim_size(1) == w_h.dim_size(1),
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "charlstm sequence: with ids ", id.shape().DebugString(),
+                      " (B, T), xz must be a (V, 4H) table matching W_h; got ",
+                      xz.shape().DebugString(), " and ", w_h.shape().DebugString())));
+      ids = id.flat<int32_t>().data();
+      const int64_t v = xz.dim_size(0);
+      for (int64_t i = 0; i < id.NumElements(); ++i) {
+        OP_REQUIRES(ctx, ids[i] >= 0 && ids[i] < v,
+                    absl::InvalidArgumentError(absl::StrCat(
+                        "charlstm sequence: id ", ids[i], " is outside the table's [0, ", v,
+                        ")")));
+      }
+    }
+    const TensorShape seq_shape = ids ? TensorShape({id_list[0].dim_size(0),
+                                                     id_list[0].dim_size(1), xz.dim_size(1)})
+                                      : xz.shape();
+    OP_REQUIRES_OK(ctx, CheckSequence<M>(seq_shape, w_h, chains_));
+    const int64_t batch = seq_shape.dim_size(0), t_len = seq_shape.dim_size(1);
+    const int64_t h = w_h.dim_size(0);
     OP_REQUIRES_OK(ctx, CheckState(ctx->input(2), 0, batch, h, "h0"));
     OP_REQUIRES_OK(ctx, CheckState(ctx->input(3), 0, batch, h, "c0"));
     tensorflow::OpInputList tails;
@@ -181,7 +211,7 @@ class SequenceForward : public OpKernel {
     M* h_carry = h_carried.flat<M>().data();
     float* c_carry = c_carried.flat<float>().data();
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({batch, t_len, h}), &cs));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, xz.shape(), &zs));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, seq_shape, &zs));
     const int64_t n_panels = (h + kLanes - 1) / kLanes;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<M>::value,
                                            TensorShape({n_panels * h * kPanel}), &panels));
@@ -206,12 +236,12 @@ class SequenceForward : public OpKernel {
       for (int64_t t = 0; t < t_len; ++t) {
         const int64_t now = first * t_len + t;  // (row first, step t) of a (B, T, X) array
         const int64_t in = (t & 1) * batch * carry, out = batch * carry - in;
-        const ForwardStep<M> s{t_len, carry, xz_p + now * 4 * h,
+        const ForwardStep<M> s{t_len, carry, ids ? xz_p : xz_p + now * 4 * h,
                                h_carry + in + first * carry, c_carry + in + first * carry,
                                zs_p + now * 4 * h, cs_p + now * h, hs_p + now * h,
                                h_carry + out + first * carry, c_carry + out + first * carry,
                                stage + first * stride, stride, alternate && (t & 1)};
-        Stage(true, s.xz, s.z, t_len, s.stage, stride, rows, h);
+        Stage(true, s.xz, s.z, t_len, s.stage, stride, rows, h, ids ? ids + now : nullptr);
         for (int64_t r = 0; left && r < rows; ++r) {
           M* row = left + (now + r * t_len) * (h + e + 1);
           std::copy_n(s.h_prev + r * carry, h, row);
@@ -233,7 +263,7 @@ class SequenceForward : public OpKernel {
                                                  std::min(h, k0 + kBlock<M>));
           }
         }
-        Stage(false, s.xz, s.z, t_len, s.stage, stride, rows, h);
+        Stage(false, s.xz, s.z, t_len, s.stage, stride, rows, h, nullptr);
       }
       StreamFence();  // z's streamed stores, before another thread reads them
     });
@@ -261,7 +291,7 @@ class SequenceBackward : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& zs = ctx->input(0);
     const Tensor& w_h = ctx->input(6);
-    OP_REQUIRES_OK(ctx, CheckSequence<M>(zs, w_h, chains_));
+    OP_REQUIRES_OK(ctx, CheckSequence<M>(zs.shape(), w_h, chains_));
     const int64_t batch = zs.dim_size(0), t_len = zs.dim_size(1), h = w_h.dim_size(0);
     const char* names[] = {"", "cs", "d_out", "c0", "dh_last", "dc_last"};
     for (int i = 1; i < 6; ++i) {
@@ -419,24 +449,35 @@ REGISTER_OP("CharlstmSequenceForward")
     .Input("h0: T")
     .Input("c0: float")
     .Input("tail: N * T")
+    .Input("ids: I * int32")
     .Output("hs: T")
     .Output("cs: float")
     .Output("zs: float")
     .Output("left: N * T")
     .Attr("T: {float, bfloat16} = DT_FLOAT")
     .Attr("N: int >= 0 = 0")
+    .Attr("I: int >= 0 = 0")
     .Attr("chains: int >= 1")
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* ctx) {
       using tensorflow::shape_inference::DimensionHandle;
       using tensorflow::shape_inference::ShapeHandle;
+      int64_t n;
+      TF_RETURN_IF_ERROR(ctx->GetAttr("N", &n));
       ShapeHandle xz, w_h;
-      TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(0), 3, &xz));
       TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(1), 2, &w_h));
+      if (ctx->num_inputs() > 4 + n) {  // ids (B, T) and a (V, 4H) table
+        ShapeHandle ids, table;
+        TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(4 + n), 2, &ids));
+        TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(0), 2, &table));
+        xz = ctx->MakeShape({ctx->Dim(ids, 0), ctx->Dim(ids, 1), ctx->Dim(table, 1)});
+      } else {
+        TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(0), 3, &xz));
+      }
       ShapeHandle state = ctx->MakeShape({ctx->Dim(xz, 0), ctx->Dim(xz, 1), ctx->Dim(w_h, 0)});
       ctx->set_output(0, state);
       ctx->set_output(1, state);
       ctx->set_output(2, xz);
-      for (int i = 4; i < ctx->num_inputs(); ++i) {  // x, if given, and its left
+      for (int i = 4; i < 4 + n; ++i) {  // x, if given, and its left
         ShapeHandle tail;
         DimensionHandle width;
         TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(i), 3, &tail));

@@ -43,7 +43,7 @@ inline bool Alternate(int64_t h) { return 4 * h * h * int64_t{sizeof(M)} > kAlte
 template <typename M>
 struct ForwardStep {
   int64_t seq, carry;   // row strides: seq * X in the (B, T, X) arrays, carry in the states
-  const float* xz;      // (R, 4H) this step's input projection + bias
+  const float* xz;      // (R, 4H) this step's input projection + bias, or the table (Stage)
   const M* h_prev;      // (R, carry)
   const float* c_prev;  // (R, carry)
   float* z;             // (R, 4H) out: pre-activations, for the backward
@@ -67,15 +67,17 @@ struct ForwardStep {
 inline int64_t StageStride(int64_t h) { return (h + kLanes - 1) / kLanes * kPanel + kLanes; }
 
 // in: the step's xz rows into the stage; else the stage out to its z rows.
+// ids (in only, stride seq): row r's xz is then row ids[r seq] of the table xz.
 inline void Stage(bool in, const float* xz, float* z, int64_t seq, float* stage, int64_t stride,
-                  int64_t rows, int64_t h) {
+                  int64_t rows, int64_t h, const int32_t* ids) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t u = 0, at = r * stride; u < h; u += kLanes, at += kPanel) {
       const int64_t n = std::min(kLanes, h - u);
       for (int g = 0; g < 4; ++g) {
         const int64_t row_at = r * seq * 4 * h + g * h + u;
         if (in) {
-          Store(Load(xz + row_at, n), stage + at + g * kLanes, kLanes);
+          const float* from = ids ? xz + int64_t{ids[r * seq]} * 4 * h + g * h + u : xz + row_at;
+          Store(Load(from, n), stage + at + g * kLanes, kLanes);
         } else {
           StoreStream(Load(stage + at + g * kLanes, kLanes), z + row_at, n);
         }
