@@ -8,9 +8,10 @@ Run:
   python -m launch.evaluate --workdir=/tmp/best   # carried vs zero-state val loss
 
 Measured (BUILD.md, "Quality"; 2026-12-07): on an Intel host with AMX
-(bfloat16 on AMX tiles), 11.1 min on 2 cores, validation 1.4349 nats/char
-with carried state (8 streams) over all 111,538 predicted characters, 1.5007
-from zero state per 100-char window (an earlier run: 1.4415, 12.5 min). With 3500 steps (until 2026-12-07):
+(bfloat16 on AMX tiles), 11.5 min on 2 cores, validation 1.4370 nats/char
+with carried state (8 streams) over all 111,538 predicted characters, 1.5003
+from zero state per 100-char window (earlier runs: 1.4349 in 11.1 min,
+1.4415 in 12.5 min). With 3500 steps (until 2026-12-07):
 1.4404-1.4504 on AMX and AVX512-BF16 hosts, 10-31 min.
 """
 
