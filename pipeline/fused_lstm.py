@@ -13,37 +13,31 @@ the way cuDNN does:
   backward: only dh/dc run through the loop backwards (dz_t W_h^T per step);
             the weight gradients are one matmul each over all T*B rows, after
             the loop;
-  and each step's gate math (sigmoids, tanhs, products) is one small kernel,
-  whatever train.jit_compile says: a C++ op compiled for this CPU
-  (pipeline.kernels.cell, kernels='cc') or an XLA kernel (kernels='xla', and
-  inside XLA-compiled steps); it is part of this op, as cuDNN's kernels are
-  part of Keras's GPU LSTM; in float32 with kernels='cc' the whole loop,
-  recurrent matmuls included, is one C++ op per pass (kernels/sequence.cc:
-  the per-step TensorFlow ops around the matmuls cost as much as the
-  matmuls at H=256);
-  and the batch rows run as `chains` independent recurrences in the same loop
-  (train.lstm_chains; one per CPU core by default), so each core multiplies
-  its own block of rows: at B=64 one (B, H) x (H, 4H) matmul is too small to
-  keep two cores busy.
+  and each step's gate math is one small kernel, whatever train.jit_compile
+  says: a C++ op built for this CPU (pipeline.kernels.cell, kernels='cc') or
+  an XLA kernel (kernels='xla', and inside XLA-compiled steps), part of this
+  op as cuDNN's kernels are part of Keras's GPU LSTM; with kernels='cc' the
+  whole loop, recurrent matmuls included, is one C++ op per pass
+  (kernels/sequence.cc: per-step TensorFlow ops cost as much as the matmuls);
+  and the batch rows run as `chains` independent recurrences (train.lstm_chains;
+  one per CPU core by default): at B=64 one (B, H) x (H, 4H) matmul is too
+  small to keep two cores busy.
 
 The matmuls, and so the FLOPs, are the ones the Keras layer does. The values
 agree with Keras's to float32 rounding (tests/fused_lstm_test.py).
 
 bfloat16 (runtime.precision=bfloat16, Keras's mixed_bfloat16 layers) runs the
-same matmuls on bfloat16 operands, multiplied with AMX or AVX512-BF16 where
-the CPU has them (the recurrence in kernels/sequence.cc, on AMX tiles or
-vdpbf16ps; the other matmuls in oneDNN), while the gate math and the cell state stay float32:
-more precise than Keras's own bfloat16 loop, which keeps c in bfloat16. The
-first layer's input projection stays float32 too (see lstm_sequence's
-input_grad).
+same matmuls on bfloat16 operands (AMX tiles or vdpbf16ps in kernels/sequence.cc,
+oneDNN elsewhere) while the gate math and the cell state stay float32: more
+precise than Keras's bfloat16 loop, which keeps c in bfloat16. The first
+layer's input projection stays float32 too (lstm_sequence's input_grad).
 
 `swap_in(models.lstms)` makes the Keras LSTM layers use it while the train
-step (or the exported sampler) is traced: the Keras functional graph stays the one definition of
-the model (layer order, dropout, casts, the carried state); only the
-recurrence inside each layer is replaced. It applies to float32 and bfloat16
-LSTM layers without dropout inside the recurrence, which is what pipeline.model builds;
-other layers keep Keras's loop (on a GPU Keras's cuDNN kernel is faster still,
-so pipeline.steps does not swap there).
+step (or the exported sampler) is traced: the Keras functional graph stays the
+one definition of the model (layer order, dropout, casts, the carried state);
+only the recurrence inside each layer is replaced, in float32 and bfloat16
+layers without dropout inside the recurrence (what pipeline.model builds).
+Other layers keep Keras's loop (on a GPU cuDNN is faster still: no swap).
 """
 
 import contextlib
@@ -172,25 +166,24 @@ def _left(h, x):
   return tf.concat([h, tf.cast(x, h.dtype), ones], -1)
 
 
-def _weight_grads(lefts, dz_rows, input_grad, w_x):
-  """(d_w_x, d_w_h, d_b, dx rows or None) over all rows, each block its own matmul.
+def _weight_grads(lefts, dz_rows, input_grad, w_x, d_w_x=None):
+  """(d_w_x, d_w_h, d_b, dx rows or None): one [h, x, 1]^T dz matmul per block of rows.
 
-  Blocks are chains (per-step path) or the whole batch (the C++ recurrence);
-  their products are summed in float32. lefts: each block's rows of
-  [h_{t-1}, x_t, 1] (`_left`; the C++ recurrence writes them itself), in
-  dz_rows's order. The three weight gradients share their right operand dz,
-  so each block is one matmul, [h, x, 1]^T dz: d_b rides as a column of
-  ones (a reduce_sum over the (T * B/k, 4H) rows took 5-11 ms per chain per
-  step at H=512), and at H=256 d_w_x's own matmul (M = V + 1, K = T B) ran
-  at 80 GFLOP/s beside d_w_h's, which it slowed (bench case a, BUILD.md).
+  Blocks are chains (per-step path) or the whole batch (the C++ recurrence),
+  their products summed in float32; lefts: each block's [h_{t-1}, x_t, 1]
+  rows (`_left`; the C++ op writes them), in dz_rows's order. d_b rides as
+  the column of ones (a reduce_sum over the rows took 5-11 ms per chain at
+  H=512), d_w_x with d_w_h (its own M = V + 1 matmul ran at 80 GFLOP/s
+  beside d_w_h's and slowed it; BUILD.md). Given d_w_x (the C++ backward's
+  sums by id), lefts are [h_{t-1}, 1].
   """
-  d = w_x.shape[0]
+  d = w_x.shape[0] if d_w_x is None else 0
   products = [tf.matmul(tf.reshape(left, [-1, left.shape[-1]]), dz, transpose_a=True)
               for left, dz in zip(lefts, dz_rows)]
   grads = tf.add_n([tf.cast(p, tf.float32) for p in products])
   hid = grads.shape[0] - d - 1
   dx = [tf.matmul(dz, w_x, transpose_b=True) for dz in dz_rows] if input_grad else None
-  return grads[hid:hid + d], grads[:hid], grads[hid + d], dx
+  return (grads[hid:hid + d] if d_w_x is None else d_w_x), grads[:hid], grads[hid + d], dx
 
 
 def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad=True, chains=1,
@@ -324,11 +317,10 @@ def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chain
   """lstm_sequence with kernels='cc': the recurrence is one C++ op per pass.
 
   pipeline/kernels/sequence.cc runs the time loop, the recurrent matmuls and
-  the gate math of every chain (one thread each) in one call forward and one
-  backward; what is left here is the input projection and the weight
-  gradients, one matmul each over all B * T rows. In bfloat16 the op's
-  products take bfloat16 h, dz and W_h (vdpbf16ps) and sum in float32, as
-  the per-step loop's oneDNN matmuls do, without rounding z itself.
+  the gate math of every chain (one thread each), forward and backward; for
+  the first layer it also reads W_x + b and sums d_W_x by input id. Left here:
+  other layers' input projections and one weight-gradient matmul over all
+  B T rows. bfloat16 products take bfloat16 h, dz and W_h and sum in float32.
   """
   ops = cell_kernels.load()
   md, f32 = x.dtype, tf.float32
@@ -344,50 +336,38 @@ def _whole_sequence(x, h0, c0, kernel, recurrent_kernel, bias, input_grad, chain
     h0_m, c_init = tf.cast(h0, md), tf.cast(c0, f32)
 
     def forward(xz, ids=()):
-      # Given x, the op also writes the weight gradients' left operand
-      # [h_{t-1}, x_t, 1]. The first layer passes x with no columns
-      # ([h_{t-1}, 1]): its backward sums d_w_x by input id as the dz leave
-      # the gate math, and the matmul over all B T rows narrows by V columns
-      # (H=512: 46.0 -> 40.2 ms alone).
-      hs, cs, zs, (left,) = ops.charlstm_sequence_forward(
-          xz, w_h_m, h0_m, c_init, [x if input_grad else x[:, :, :0]], list(ids),
-          chains=chains)
-      return hs, cs, zs, left
+      # The op also writes the weight gradients' left operand [h_{t-1}, x_t, 1];
+      # the first layer's, [h_{t-1}, 1]: its backward sums d_w_x by input id,
+      # so that matmul narrows by V columns (H=512: 46.0 -> 40.2 ms alone).
+      return ops.charlstm_sequence_forward(xz, w_h_m, h0_m, c_init,
+                                           [x if input_grad else x[:, :, :0]], list(ids),
+                                           chains=chains)
 
     def projected():
       return forward(tf.reshape(_project([x_rows], w_x_m, tf.cast(b, f32), True)[0],
                                 [batch, t_len, 4 * hid]))
-    known = None
     if input_grad:
-      hs, cs, zs, left = projected()
-    else:
-      # One-hot rows: the op reads row ids[b, t] of W_x + b itself (_project's
-      # gather, without writing it out); other inputs take the matmul.
-      known = one_hot_ids([x_rows])
-      ids_bt = tf.reshape(known[0][0], [batch, t_len])
-      hs, cs, zs, left = tf.cond(known[1], lambda: forward(w_x_m + tf.cast(b, f32), [ids_bt]),
-                                 projected)
+      hs, cs, zs, (left,) = projected()
+    else:  # one-hot rows: the op reads row ids[b, t] of W_x + b (_project's gather) itself
+      (ids,), one_hot = one_hot_ids([x_rows])
+      ids = tf.reshape(ids, [batch, t_len])
+      hs, cs, zs, (left,) = tf.cond(one_hot, lambda: forward(w_x_m + tf.cast(b, f32), [ids]),
+                                    projected)
     # h_T in float32 (hs holds it rounded to bfloat16 there).
     h_t = hs[:, -1] if md == f32 else tf.sigmoid(zs[:, -1, 3 * hid:]) * tf.tanh(cs[:, -1])
 
     def grad(d_outputs, d_h_t, d_c_t):
       dh_last = tf.zeros_like(c_init) if d_h_t is None else tf.cast(d_h_t, f32)
       dc_last = tf.zeros_like(c_init) if d_c_t is None else tf.cast(d_c_t, f32)
-      ids = [] if input_grad else [ids_bt]
-      dzs, dh0, dc0, d_w_x_by_id = ops.charlstm_sequence_backward(
-          zs, cs, tf.cast(d_outputs, f32), c_init, dh_last, dc_last, w_h_m, ids,
-          vocab=0 if input_grad else d, chains=chains)
+      dzs, dh0, dc0, by_id = ops.charlstm_sequence_backward(
+          zs, cs, tf.cast(d_outputs, f32), c_init, dh_last, dc_last, w_h_m,
+          [] if input_grad else [ids], vocab=0 if input_grad else d, chains=chains)
       dz_rows = tf.reshape(dzs, [-1, 4 * hid])
-      if input_grad:
-        d_w_x, d_w_h, d_b, dx = _weight_grads([left], [dz_rows], input_grad, w_x_m)
-      else:
-        grads = tf.cast(tf.matmul(tf.reshape(left, [-1, hid + 1]), dz_rows, transpose_a=True),
-                        f32)
-        d_w_h, d_b, dx = grads[:hid], grads[hid], None
-        # Inputs that are not exactly one-hot (which _project multiplied) take the matmul.
-        d_w_x = tf.cond(known[1], lambda: d_w_x_by_id[0],
-                        lambda: tf.matmul(tf.cast(x_rows, f32), tf.cast(dz_rows, f32),
-                                          transpose_a=True))
+      # Inputs that are not exactly one-hot (which _project multiplied) take the matmul.
+      d_w_x = None if input_grad else tf.cond(
+          one_hot, lambda: by_id[0],
+          lambda: tf.matmul(tf.cast(x_rows, f32), tf.cast(dz_rows, f32), transpose_a=True))
+      d_w_x, d_w_h, d_b, dx = _weight_grads([left], [dz_rows], input_grad, w_x_m, d_w_x)
       if dx is not None:
         dx = tf.reshape(dx[0], [batch, t_len, d])
       return (dx, tf.cast(dh0, h0.dtype), tf.cast(dc0, c0.dtype), tf.cast(d_w_x, w_x.dtype),
