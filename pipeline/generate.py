@@ -183,7 +183,13 @@ def any_cut(logits, top_k, top_p=None):
   return tf.reduce_any(cut)
 
 
-def choose_rows(logits, temperature, top_k, seed, position, top_p=None, cut_any=None):
+def gumbel_noise(seed, position, vocab_size):
+  """float64 [B, V]: the Gumbel noise choose_rows adds, from `row_uniform`."""
+  return -tf.math.log(-tf.math.log(row_uniform(seed, position, vocab_size)))
+
+
+def choose_rows(logits, temperature, top_k, seed, position, top_p=None, cut_any=None,
+                gumbel=None):
   """Picks next ids (B,) from float32 logits (B, V), each row with its own settings.
 
   Gumbel-max: argmax(logits / T + Gumbel noise) samples softmax(logits / T),
@@ -201,6 +207,7 @@ def choose_rows(logits, temperature, top_k, seed, position, top_p=None, cut_any=
     top_p: float32 [B] in (0, 1] (1 keeps every id), or None.
     cut_any: None, or `any_cut(...)` as a Python bool when the caller has
       branched on it already (chunk_fn, outside its loop); None tests it here.
+    gumbel: `gumbel_noise(seed, position, V)` when the caller has it.
   """
   v = tf.shape(logits)[-1]
   scaled = tf.cast(logits / tf.maximum(temperature, 1e-6)[:, None], tf.float64)
@@ -225,11 +232,17 @@ def choose_rows(logits, temperature, top_k, seed, position, top_p=None, cut_any=
     # values, as order[:, 0] does.
     return tf.ones_like(logits, tf.bool), tf.argmax(logits, axis=1, output_type=tf.int32)
 
+  if gumbel is None:
+    gumbel = gumbel_noise(seed, position, v)
+  if cut_any is False:
+    # Nothing cuts: one argmax, greedy rows over their logits (the same id as
+    # keep_all's argmax), in place of two argmaxes and a select per char.
+    return tf.argmax(tf.where(temperature[:, None] > 0, scaled + gumbel,
+                              tf.cast(logits, tf.float64)), axis=1, output_type=tf.int32)
   if cut_any is None:
     keep, greedy = tf.cond(any_cut(logits, top_k, top_p), sorted_keep, keep_all)
   else:
-    keep, greedy = sorted_keep() if cut_any else keep_all()
-  gumbel = -tf.math.log(-tf.math.log(row_uniform(seed, position, v)))
+    keep, greedy = sorted_keep()
   score = tf.where(keep, scaled + gumbel, tf.constant(-float('inf'), tf.float64))
   sampled = tf.argmax(score, axis=1, output_type=tf.int32)
   return tf.where(temperature > 0, sampled, greedy)
@@ -341,11 +354,18 @@ def chunk_fn(step, size=CHUNK):
   @tf.function(jit_compile=True)
   def chunk(h, c, logits, n, temperature, top_k, seed, position, top_p):
     weights = step.read()  # once per call, not per char
+    # The whole chunk's Gumbel noise, (size, B, V), before the loop: it hangs
+    # on (seed, position, id) only. Per char it was a serial ~5 us of hashes
+    # and logs between the recurrent products.
+    b, v = tf.shape(logits)[0], tf.shape(logits)[1]
+    at = position[None, :] + tf.range(size, dtype=tf.int64)[:, None]
+    noise = tf.reshape(gumbel_noise(tf.tile(seed, [size]), tf.reshape(at, [-1]), v),
+                       [size, b, v])
 
     def loop(cut_any):
       def body(i, ids, h, c, logits):
         nxt = choose_rows(logits, temperature, top_k, seed, position + tf.cast(i, tf.int64),
-                          top_p, cut_any)
+                          top_p, cut_any, noise[i])
         logits, h, c = step(nxt, h, c, weights)
         return i + 1, ids.write(i, nxt), h, c, logits
 
