@@ -95,6 +95,7 @@ def test_submit_runs_what_the_dry_run_prints_and_the_staged_wheel_trains(gcs, tm
                and not p.parts[len(site.parts)].endswith('.dist-info')}
   assert installed == wanted  # every module, config, bundled corpus and C++ op; nothing else
   assert {'pipeline/kernels/cell.cc', 'pipeline/kernels/sequence.cc',
+          'pipeline/kernels/sequence_ops.cc',
           'pipeline/kernels/packets.h', 'pipeline/kernels/panels.h',
           'pipeline/kernels/amx.h', 'pipeline/kernels/tiles.h'} <= installed
   # The TensorFlow and other dependencies come from the dev venv (no network here), added

@@ -1,4 +1,4 @@
-"""The fused LSTM's C++ ops (cell.cc, sequence.cc), compiled for this CPU at first use.
+"""The fused LSTM's C++ ops (cell.cc, sequence*.cc), compiled for this CPU at first use.
 
 pipeline.fused_lstm runs its recurrence with them where train.cell_kernels
 picks 'cc' (CPU, outside XLA):
@@ -45,7 +45,8 @@ from pipeline import config
 from pipeline import errors
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(_HERE, name) for name in ('cell.cc', 'sequence.cc')]
+SOURCES = [os.path.join(_HERE, name)
+           for name in ('cell.cc', 'sequence.cc', 'sequence_ops.cc')]
 HEADERS = [os.path.join(_HERE, name)
            for name in ('packets.h', 'panels.h', 'amx.h', 'tiles.h')]
 KINDS = config.CELL_KERNELS

@@ -2,7 +2,7 @@
 // TensorFlow ops: the time loop, the recurrent matmul h_{t-1} W_h (forward)
 // and dz_{t+1} W_h^T (backward), and the gate math, in one kernel call per
 // layer per train step instead of ~15 TensorFlow ops per time step per chain.
-// pipeline/kernels/cell.py compiles it with cell.cc for the machine it runs on.
+// pipeline/kernels/cell.py compiles it with cell.cc and sequence_ops.cc (the ops' interfaces).
 //
 // Why: with the per-step ops, the matmuls ran near oneDNN's rate, but the
 // rest of each step (the gate kernels' dispatch, TensorArray reads and
@@ -31,10 +31,8 @@
 #include <optional>
 #include <type_traits>
 
-#include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/platform/blocking_counter.h"
 #include "tensorflow/core/platform/threadpool.h"
 #include "amx.h"
@@ -442,94 +440,6 @@ class SequenceBf16Native : public OpKernel {
 };
 
 }  // namespace
-
-REGISTER_OP("CharlstmSequenceForward")
-    .Input("xz: float")
-    .Input("w_h: T")
-    .Input("h0: T")
-    .Input("c0: float")
-    .Input("tail: N * T")
-    .Input("ids: I * int32")
-    .Output("hs: T")
-    .Output("cs: float")
-    .Output("zs: float")
-    .Output("left: N * T")
-    .Attr("T: {float, bfloat16} = DT_FLOAT")
-    .Attr("N: int >= 0 = 0")
-    .Attr("I: int >= 0 = 0")
-    .Attr("chains: int >= 1")
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* ctx) {
-      using tensorflow::shape_inference::DimensionHandle;
-      using tensorflow::shape_inference::ShapeHandle;
-      int64_t n;
-      TF_RETURN_IF_ERROR(ctx->GetAttr("N", &n));
-      ShapeHandle xz, w_h;
-      TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(1), 2, &w_h));
-      if (ctx->num_inputs() > 4 + n) {  // ids (B, T) and a (V, 4H) table
-        ShapeHandle ids, table;
-        TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(4 + n), 2, &ids));
-        TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(0), 2, &table));
-        xz = ctx->MakeShape({ctx->Dim(ids, 0), ctx->Dim(ids, 1), ctx->Dim(table, 1)});
-      } else {
-        TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(0), 3, &xz));
-      }
-      ShapeHandle state = ctx->MakeShape({ctx->Dim(xz, 0), ctx->Dim(xz, 1), ctx->Dim(w_h, 0)});
-      ctx->set_output(0, state);
-      ctx->set_output(1, state);
-      ctx->set_output(2, xz);
-      for (int i = 4; i < 4 + n; ++i) {  // x, if given, and its left
-        ShapeHandle tail;
-        DimensionHandle width;
-        TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(i), 3, &tail));
-        TF_RETURN_IF_ERROR(ctx->Add(ctx->Dim(w_h, 0), ctx->Dim(tail, 2), &width));
-        TF_RETURN_IF_ERROR(ctx->Add(width, 1, &width));
-        ctx->set_output(3 + i - 4,
-                        ctx->MakeShape({ctx->Dim(xz, 0), ctx->Dim(xz, 1), width}));
-      }
-      return absl::OkStatus();
-    });
-
-REGISTER_OP("CharlstmSequenceBackward")
-    .Input("zs: float")
-    .Input("cs: float")
-    .Input("d_out: float")
-    .Input("c0: float")
-    .Input("dh_last: float")
-    .Input("dc_last: float")
-    .Input("w_h: T")
-    .Input("ids: N * int32")
-    .Output("dzs: T")
-    .Output("dh0: float")
-    .Output("dc0: float")
-    .Output("d_w_x: N * float")
-    .Attr("T: {float, bfloat16} = DT_FLOAT")
-    .Attr("N: int >= 0 = 0")
-    .Attr("vocab: int >= 0 = 0")
-    .Attr("chains: int >= 1")
-    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* ctx) {
-      using tensorflow::shape_inference::ShapeHandle;
-      ShapeHandle zs, w_h;
-      TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(0), 3, &zs));
-      TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(6), 2, &w_h));
-      ctx->set_output(0, zs);
-      ShapeHandle state = ctx->Matrix(ctx->Dim(zs, 0), ctx->Dim(w_h, 0));
-      ctx->set_output(1, state);
-      ctx->set_output(2, state);
-      int64_t vocab;
-      TF_RETURN_IF_ERROR(ctx->GetAttr("vocab", &vocab));
-      for (int i = 3; i < ctx->num_outputs(); ++i) {  // d_w_x, if ids are given
-        ctx->set_output(i, ctx->Matrix(vocab, ctx->Dim(zs, 2)));
-      }
-      return absl::OkStatus();
-    });
-
-REGISTER_OP("CharlstmSequenceAmx")
-    .Output("amx: bool")
-    .SetShapeFn(tensorflow::shape_inference::ScalarShape);
-
-REGISTER_OP("CharlstmSequenceBf16Native")
-    .Output("native: bool")
-    .SetShapeFn(tensorflow::shape_inference::ScalarShape);
 
 #define CHARLSTM_REGISTER(M)                                                                   \
   REGISTER_KERNEL_BUILDER(                                                                     \
