@@ -355,8 +355,9 @@ def chunk_fn(step, size=CHUNK):
   def chunk(h, c, logits, n, temperature, top_k, seed, position, top_p):
     weights = step.read()  # once per call, not per char
     # The whole chunk's Gumbel noise, (size, B, V), before the loop: it hangs
-    # on (seed, position, id) only. Per char it was a serial ~5 us of hashes
-    # and logs between the recurrent products.
+    # on (seed, position, id) only. Per char, its hashes and float64 logs were
+    # serial work between the recurrent products: H=512, one prompt, 105-117
+    # -> 73-86 us per char (BUILD.md: the second core's wake-up).
     b, v = tf.shape(logits)[0], tf.shape(logits)[1]
     at = position[None, :] + tf.range(size, dtype=tf.int64)[:, None]
     noise = tf.reshape(gumbel_noise(tf.tile(seed, [size]), tf.reshape(at, [-1]), v),

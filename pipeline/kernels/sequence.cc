@@ -121,6 +121,18 @@ absl::Status CheckState(const Tensor& t, int64_t t_len, int64_t batch, int64_t h
                                                  t.shape().DebugString()));
 }
 
+// The first layer's ids index a (V, 4H) table or sum: each must lie in [0, V).
+absl::Status CheckIds(const Tensor& ids, int64_t v) {
+  const int32_t* id = ids.flat<int32_t>().data();
+  for (int64_t i = 0; i < ids.NumElements(); ++i) {
+    if (id[i] < 0 || id[i] >= v) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "charlstm sequence: id ", id[i], " is outside the vocabulary [0, ", v, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // M = float or bfloat16: the type of W_h, h0 and hs (the forward's matmul
 // operands); everything else is float32.
 template <typename M>
@@ -156,14 +168,8 @@ class SequenceForward : public OpKernel {
                       "charlstm sequence: with ids ", id.shape().DebugString(),
                       " (B, T), xz must be a (V, 4H) table matching W_h; got ",
                       xz.shape().DebugString(), " and ", w_h.shape().DebugString())));
+      OP_REQUIRES_OK(ctx, CheckIds(id, xz.dim_size(0)));
       ids = id.flat<int32_t>().data();
-      const int64_t v = xz.dim_size(0);
-      for (int64_t i = 0; i < id.NumElements(); ++i) {
-        OP_REQUIRES(ctx, ids[i] >= 0 && ids[i] < v,
-                    absl::InvalidArgumentError(absl::StrCat(
-                        "charlstm sequence: id ", ids[i], " is outside the table's [0, ", v,
-                        ")")));
-      }
     }
     const TensorShape seq_shape = ids ? TensorShape({id_list[0].dim_size(0),
                                                      id_list[0].dim_size(1), xz.dim_size(1)})
@@ -309,13 +315,8 @@ class SequenceBackward : public OpKernel {
                   absl::InvalidArgumentError(absl::StrCat(
                       "charlstm sequence: ids has shape ", id_list[0].shape().DebugString(),
                       "; it must be (B, T) with zs's B and T")));
+      OP_REQUIRES_OK(ctx, CheckIds(id_list[0], vocab_));
       ids = id_list[0].flat<int32_t>().data();
-      for (int64_t i = 0; i < batch * t_len; ++i) {
-        OP_REQUIRES(ctx, ids[i] >= 0 && ids[i] < vocab_,
-                    absl::InvalidArgumentError(absl::StrCat(
-                        "charlstm sequence: id ", ids[i], " is outside the vocabulary [0, ",
-                        vocab_, ")")));
-      }
       Tensor* out;
       OP_REQUIRES_OK(ctx, d_w_xs.allocate(0, TensorShape({vocab_, 4 * h}), &out));
       d_w_x = out->flat<float>().data();
