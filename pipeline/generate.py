@@ -213,9 +213,8 @@ def choose_rows(logits, temperature, top_k, seed, position, top_p=None, cut_any=
   scaled = tf.cast(logits / tf.maximum(temperature, 1e-6)[:, None], tf.float64)
 
   def sorted_keep():
-    # tf.math.top_k lists equal values lower index first: order[:, 0] is the
-    # greedy id and rank is each id's place in that order (ranked on the raw
-    # logits; dividing by a tiny temperature could tie distinct values).
+    # Ranked on the raw logits (dividing by a tiny temperature could tie
+    # distinct values); tf.math.top_k lists equal values lower index first.
     order = tf.math.top_k(logits, k=v).indices
     rank = tf.argsort(order, axis=1, stable=True)
     k = tf.where(top_k <= 0, v, tf.minimum(top_k, v))
@@ -224,28 +223,25 @@ def choose_rows(logits, temperature, top_k, seed, position, top_p=None, cut_any=
       kept = tf.where(keep, scaled, tf.constant(-float('inf'), tf.float64))
       keep = tf.logical_and(keep, tf.logical_or(top_p[:, None] >= 1.0,
                                                 nucleus_keep(kept, top_p)))
-    return keep, order[:, 0]
+    return keep
 
-  def keep_all():
-    # The common case (no row cuts) skips both sorts of V per row, the
-    # costliest part of a step at batch 64. argmax takes the first of equal
-    # values, as order[:, 0] does.
-    return tf.ones_like(logits, tf.bool), tf.argmax(logits, axis=1, output_type=tf.int32)
-
+  # The common case (no row cuts) skips both sorts of V per row, the costliest
+  # part of a step at batch 64.
+  if cut_any is None:
+    keep = tf.cond(any_cut(logits, top_k, top_p), sorted_keep,
+                   lambda: tf.ones_like(logits, tf.bool))
+  else:
+    keep = sorted_keep() if cut_any else None
   if gumbel is None:
     gumbel = gumbel_noise(seed, position, v)
-  if cut_any is False:
-    # Nothing cuts: one argmax, greedy rows over their logits (the same id as
-    # keep_all's argmax), in place of two argmaxes and a select per char.
-    return tf.argmax(tf.where(temperature[:, None] > 0, scaled + gumbel,
-                              tf.cast(logits, tf.float64)), axis=1, output_type=tf.int32)
-  if cut_any is None:
-    keep, greedy = tf.cond(any_cut(logits, top_k, top_p), sorted_keep, keep_all)
-  else:
-    keep, greedy = sorted_keep()
-  score = tf.where(keep, scaled + gumbel, tf.constant(-float('inf'), tf.float64))
-  sampled = tf.argmax(score, axis=1, output_type=tf.int32)
-  return tf.where(temperature > 0, sampled, greedy)
+  sampled = scaled + gumbel
+  if keep is not None:
+    sampled = tf.where(keep, sampled, tf.constant(-float('inf'), tf.float64))
+  # Greedy rows (temperature <= 0) take the argmax of their logits, the first
+  # of equal values (the id top_k ranks first): one argmax for both kinds of
+  # row, not two and a select per char.
+  score = tf.where(temperature[:, None] > 0, sampled, tf.cast(logits, tf.float64))
+  return tf.argmax(score, axis=1, output_type=tf.int32)
 
 
 def extend(step_fn, vocab_chars, h, c, logits, num_chars, temperature, top_k, seed, position,

@@ -121,6 +121,17 @@ absl::Status CheckState(const Tensor& t, int64_t t_len, int64_t batch, int64_t h
                                                  t.shape().DebugString()));
 }
 
+// The optional `ids` input (a list of 0 or 1 tensors): *ids is null without it.
+absl::Status OptionalIds(OpKernelContext* ctx, const Tensor** ids) {
+  tensorflow::OpInputList list;
+  TF_RETURN_IF_ERROR(ctx->input_list("ids", &list));
+  if (list.size() > 1) {
+    return absl::InvalidArgumentError("charlstm sequence: at most one ids input");
+  }
+  *ids = list.size() ? &list[0] : nullptr;
+  return absl::OkStatus();
+}
+
 // The first layer's ids index a (V, 4H) table or sum: each must lie in [0, V).
 absl::Status CheckIds(const Tensor& ids, int64_t v) {
   const int32_t* id = ids.flat<int32_t>().data();
@@ -155,13 +166,11 @@ class SequenceForward : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& xz = ctx->input(0);
     const Tensor& w_h = ctx->input(1);
-    tensorflow::OpInputList id_list;
-    OP_REQUIRES_OK(ctx, ctx->input_list("ids", &id_list));
-    OP_REQUIRES(ctx, id_list.size() <= 1,
-                absl::InvalidArgumentError("charlstm sequence: at most one ids input"));
+    const Tensor* id_input;
+    OP_REQUIRES_OK(ctx, OptionalIds(ctx, &id_input));
     const int32_t* ids = nullptr;
-    if (id_list.size()) {
-      const Tensor& id = id_list[0];
+    if (id_input) {
+      const Tensor& id = *id_input;
       OP_REQUIRES(ctx, id.dims() == 2 && xz.dims() == 2 && w_h.dims() == 2 &&
                            xz.dim_size(1) == w_h.dim_size(1),
                   absl::InvalidArgumentError(absl::StrCat(
@@ -171,8 +180,8 @@ class SequenceForward : public OpKernel {
       OP_REQUIRES_OK(ctx, CheckIds(id, xz.dim_size(0)));
       ids = id.flat<int32_t>().data();
     }
-    const TensorShape seq_shape = ids ? TensorShape({id_list[0].dim_size(0),
-                                                     id_list[0].dim_size(1), xz.dim_size(1)})
+    const TensorShape seq_shape = ids ? TensorShape({id_input->dim_size(0),
+                                                     id_input->dim_size(1), xz.dim_size(1)})
                                       : xz.shape();
     OP_REQUIRES_OK(ctx, CheckSequence<M>(seq_shape, w_h, chains_));
     const int64_t batch = seq_shape.dim_size(0), t_len = seq_shape.dim_size(1);
@@ -301,22 +310,20 @@ class SequenceBackward : public OpKernel {
     for (int i = 1; i < 6; ++i) {
       OP_REQUIRES_OK(ctx, CheckState(ctx->input(i), i < 3 ? t_len : 0, batch, h, names[i]));
     }
-    tensorflow::OpInputList id_list;
-    OP_REQUIRES_OK(ctx, ctx->input_list("ids", &id_list));
+    const Tensor* id_input;
+    OP_REQUIRES_OK(ctx, OptionalIds(ctx, &id_input));
     tensorflow::OpOutputList d_w_xs;
     OP_REQUIRES_OK(ctx, ctx->output_list("d_w_x", &d_w_xs));
-    OP_REQUIRES(ctx, id_list.size() <= 1,
-                absl::InvalidArgumentError("charlstm sequence: at most one ids input"));
     const int32_t* ids = nullptr;
     float* d_w_x = nullptr;
     Tensor per_chain;  // each chain's own d_w_x sums, added in chain order at the end
-    if (id_list.size()) {
-      OP_REQUIRES(ctx, id_list[0].shape() == TensorShape({batch, t_len}),
+    if (id_input) {
+      OP_REQUIRES(ctx, id_input->shape() == TensorShape({batch, t_len}),
                   absl::InvalidArgumentError(absl::StrCat(
-                      "charlstm sequence: ids has shape ", id_list[0].shape().DebugString(),
+                      "charlstm sequence: ids has shape ", id_input->shape().DebugString(),
                       "; it must be (B, T) with zs's B and T")));
-      OP_REQUIRES_OK(ctx, CheckIds(id_list[0], vocab_));
-      ids = id_list[0].flat<int32_t>().data();
+      OP_REQUIRES_OK(ctx, CheckIds(*id_input, vocab_));
+      ids = id_input->flat<int32_t>().data();
       Tensor* out;
       OP_REQUIRES_OK(ctx, d_w_xs.allocate(0, TensorShape({vocab_, 4 * h}), &out));
       d_w_x = out->flat<float>().data();

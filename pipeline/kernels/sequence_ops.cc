@@ -1,6 +1,7 @@
 // The recurrence ops' interfaces (sequence.cc holds their CPU kernels):
 // inputs, outputs, attributes and shape functions, apart from the kernels so
-// that each file stays readable. pipeline/kernels/cell.py compiles both.
+// that each file stays readable. pipeline/kernels/cell.py compiles all three
+// sources (cell.cc too).
 
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"

@@ -20,7 +20,7 @@ namespace charlstm {
 // where one fixed order streamed all of W_h from L3 at every step. Panels
 // hold disjoint units, so every sum and its order, and the bits, are
 // unchanged. Two builds in one process, alternating, H=512 float32 (4 MiB):
-// forward 1.02-1.08x, backward 1.02-1.06x over 5 runs. At H=256 (1 MiB,
+// forward 1.01-1.05x, backward 1.05-1.08x over 4 runs. At H=256 (1 MiB,
 // already in L2) it read 0.92-1.01x, so smaller matrices keep one order.
 constexpr int64_t kAlternateBytes = int64_t{1} << 20;
 template <typename M>
