@@ -369,12 +369,10 @@ def chunk_fn(step, size=CHUNK):
                        [size, b, v])
 
     def loop(cut_any):
-      # Each iteration starts with the head of the h it carries in, so that
-      # the head's product and the next recurrent products (which need h,
-      # not the chosen id) are in one iteration and XLA may overlap them;
-      # carrying logits instead left the head alone at the end of the body.
-      # In one process, H=512, one prompt: 1.04-1.10x the carried-logits loop.
-      # Iteration 0 uses the logits passed in (they may not be this h's head).
+      # Each iteration starts with the head of the h it carries, so the head's
+      # product and the next recurrent ones (they need h, not the chosen id)
+      # share an iteration and may overlap: 1.04-1.10x carrying the logits
+      # (H=512, one prompt, one process). Iteration 0 takes the logits given.
       def body(i, ids, h, c):
         now = tf.where(i > 0, step.head(h, weights), logits)
         nxt = choose_rows(now, temperature, top_k, seed, position + tf.cast(i, tf.int64),
