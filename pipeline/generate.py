@@ -308,10 +308,10 @@ def weights_step(lstms, dense):
   `step(ids, h, c, weights)` uses them: chunk_fn reads them once per call,
   outside its loop. `step.advance(ids, h, c, weights) -> (h, c)` and
   `step.head(h, weights) -> logits` are its two halves, which chunk_fn
-  places in different iterations. The (D, 4H) matrices that multiply a state row and are
-  larger than TRANSPOSE_BYTES are read transposed, (4H, D): a step streams
-  each of them whole, and beyond the L2 cache XLA's row-by-row product is the
-  faster (see TRANSPOSE_BYTES).
+  places in different iterations. The (D, 4H) matrices that multiply a
+  state row and are larger than TRANSPOSE_BYTES are read transposed,
+  (4H, D): a step streams each of them whole, and beyond the L2 cache XLA's
+  row-by-row product is the faster (see TRANSPOSE_BYTES).
   """
   cells = [lstm.cell for lstm in lstms]
 
